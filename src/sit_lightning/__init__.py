@@ -1,0 +1,41 @@
+"""sit-lightning: SiT (Scalable Interpolant Transformers) as PyTorch Lightning modules.
+
+The math layers (``models``, ``interpolants``, ``objective``, ``sampling``) import without
+Lightning. The Lightning pieces are re-exported lazily, so ``from sit_lightning import SiTModule``
+works while ``import sit_lightning.models`` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> submodule that defines it (imported on first access)
+_LAZY = {
+    "SiT": "sit_lightning.models",
+    "Interpolant": "sit_lightning.interpolants",
+    "Linear": "sit_lightning.interpolants",
+    "GVP": "sit_lightning.interpolants",
+    "VP": "sit_lightning.interpolants",
+    "TrainingObjective": "sit_lightning.objective",
+    "SiTModule": "sit_lightning.module",
+    "LatentDataModule": "sit_lightning.data",
+    "DigitsDataModule": "sit_lightning.data",
+    "EMACallback": "sit_lightning.callbacks",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'sit_lightning' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
