@@ -1,0 +1,594 @@
+"""The SiT network: a Diffusion Transformer (DiT) with adaLN-Zero conditioning on time and class.
+
+SiT (arXiv 2401.08740) keeps DiT's backbone (Peebles & Xie, arXiv 2212.09748) and changes only what
+the network is trained to predict. Parameter names and shapes are exactly those of the released SiT
+checkpoints (reference sheet §4), so ``SiT.from_preset("SiT-XL/2").load_state_dict(released,
+strict=True)`` works. Internals differ where the numbers stay the same: attention runs through
+``torch.nn.functional.scaled_dot_product_attention`` (Flash / memory-efficient kernels on GPU), there
+is no timm dependency, and the dead ``learn_sigma`` half of the output is dropped inside ``forward``.
+
+Time convention (see ``sit_lightning.interpolants``): ``t = 0`` is noise, ``t = 1`` is data, and the
+network sees the raw ``t`` in ``[0, 1]`` (not ``1000 t`` as in DiT).
+
+Layout, parts before the whole: embeddings (patch, time, label), the 2-D sin-cos positional table,
+attention and MLP, one adaLN-Zero block, the final layer, the network, then presets and closed-form
+parameter and FLOP counts.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "SIT_PRESETS",
+    "SiT",
+    "SiTConfig",
+    "SiT_models",
+    "build_sit",
+    "forward_flops",
+    "num_parameters",
+    "sincos_pos_embed_2d",
+    "timestep_embedding",
+]
+
+#: Width of the sinusoidal time features fed to the time MLP (GLIDE / DiT).
+TIME_FREQUENCY_DIM = 256
+#: Longest period of the sinusoidal time features.
+TIME_MAX_PERIOD = 10_000.0
+#: Longest period of the 2-D sin-cos positional table (MAE).
+POS_EMBED_MAX_PERIOD = 10_000.0
+#: LayerNorm epsilon of every norm in the released model.
+NORM_EPS = 1e-6
+#: Standard deviation of the label and time-MLP weight initialisation (DiT).
+EMBED_INIT_STD = 0.02
+
+
+# ------------------------------------------------------------------------------------------------
+# Embeddings
+# ------------------------------------------------------------------------------------------------
+def timestep_embedding(
+    t: Tensor, dim: int = TIME_FREQUENCY_DIM, max_period: float = TIME_MAX_PERIOD
+) -> Tensor:
+    """Sinusoidal time features ``[cos(t w_k), sin(t w_k)]`` (cos first, as released).
+
+    Always computed in float32, whatever dtype ``t`` has or autocast says: the features of nearby
+    times differ in low bits that bfloat16 would round away.
+
+    Args:
+        t: (N,) times in [0, 1] (raw, 0 = noise, 1 = data).
+        dim: number of features; ``w_k = max_period ** (-k / (dim // 2))`` for ``k < dim // 2``.
+        max_period: longest period.
+
+    Returns:
+        (N, dim) float32 features (a zero column is appended when ``dim`` is odd).
+    """
+    half = dim // 2
+    k = torch.arange(half, dtype=torch.float32, device=t.device)
+    freqs = torch.exp(-math.log(max_period) * k / half)  # (half,)
+    args = t.to(torch.float32)[:, None] * freqs[None]  # (N, half)
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+    return embedding
+
+
+def sincos_pos_embed_2d(embed_dim: int, grid_size: int) -> Tensor:
+    """The fixed 2-D sin-cos positional table of MAE / DiT, in float64.
+
+    Tokens are row-major over the ``(h, w)`` patch grid. The first half of the channels encodes the
+    column index ``w`` and the second half the row index ``h`` (MAE's ``meshgrid(grid_w, grid_h)``
+    order, which the released weights were trained with). Each half is ``[sin(pos w_k), cos(pos w_k)]``
+    with ``w_k = 10000 ** (-k / (embed_dim / 4))``.
+
+    Args:
+        embed_dim: channels D, divisible by 4.
+        grid_size: patches per side.
+
+    Returns:
+        (grid_size ** 2, embed_dim) float64 table.
+    """
+    if embed_dim % 4:
+        raise ValueError(f"embed_dim must be divisible by 4 for a 2-D sin-cos table, got {embed_dim}")
+    quarter = embed_dim // 4
+    omega = 1.0 / POS_EMBED_MAX_PERIOD ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    coords = torch.arange(grid_size, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")  # token (h, w) -> row h, column w
+
+    def one_axis(pos: Tensor) -> Tensor:
+        args = pos.reshape(-1, 1) * omega[None]  # (T, D/4)
+        return torch.cat([torch.sin(args), torch.cos(args)], dim=1)  # (T, D/2)
+
+    return torch.cat([one_axis(cols), one_axis(rows)], dim=1)  # (T, D)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches -> tokens: (N, C, H, W) -> (N, (H/p)(W/p), D), row-major."""
+
+    def __init__(self, patch_size: int, in_channels: int, hidden_size: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TimestepEmbedder(nn.Module):
+    """Time ``t`` in [0, 1] -> (N, D): float32 sinusoidal features, then Linear-SiLU-Linear."""
+
+    def __init__(self, hidden_size: int, frequency_dim: int = TIME_FREQUENCY_DIM) -> None:
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
+
+    def forward(self, t: Tensor) -> Tensor:
+        return self.mlp(timestep_embedding(t, self.frequency_dim))
+
+
+class LabelEmbedder(nn.Module):
+    """Class label -> (N, D) by table lookup; row ``num_classes`` is the null (unconditional) class.
+
+    The null row exists only when ``dropout_prob > 0``, as in the released checkpoints (1001 rows).
+    Dropping (replacing a label by the null class) is decided by the caller, :meth:`SiT.forward`.
+    """
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
+
+    def forward(self, y: Tensor) -> Tensor:
+        return self.embedding_table(y)
+
+
+# ------------------------------------------------------------------------------------------------
+# Transformer parts
+# ------------------------------------------------------------------------------------------------
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused ``qkv`` projection (timm layout, no q/k norm)."""
+
+    def __init__(self, hidden_size: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
+        self.proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, tokens, dim = x.shape
+        qkv = self.qkv(x).reshape(n, tokens, 3, self.num_heads, dim // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, heads, T, D/heads)
+        x = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(D/heads)) v
+        return self.proj(x.transpose(1, 2).reshape(n, tokens, dim))
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU (tanh approximation, as released) -> fc2."""
+
+    def __init__(self, hidden_size: int, mlp_hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, mlp_hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(mlp_hidden, hidden_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN: ``x * (1 + scale) + shift`` with per-sample (N, D) shift/scale over (N, T, D) tokens."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class SiTBlock(nn.Module):
+    """A transformer block whose LayerNorms are modulated and whose branches are gated by ``c``.
+
+    adaLN-Zero (DiT, Sec. 3.2): ``c -> (shift, scale, gate) x 2``; the gates start at zero, so every
+    block starts as the identity.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=NORM_EPS)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=NORM_EPS)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """Modulated LayerNorm, then a linear map from each token to its p x p x out_channels patch."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int) -> None:
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=NORM_EPS)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+# ------------------------------------------------------------------------------------------------
+# The network
+# ------------------------------------------------------------------------------------------------
+def _check_config(
+    *,
+    input_size: int,
+    patch_size: int,
+    in_channels: int,
+    hidden_size: int,
+    depth: int,
+    num_heads: int,
+    mlp_ratio: float,
+    class_dropout_prob: float,
+    num_classes: int,
+) -> None:
+    positive = dict(
+        input_size=input_size,
+        patch_size=patch_size,
+        in_channels=in_channels,
+        hidden_size=hidden_size,
+        depth=depth,
+        num_heads=num_heads,
+        num_classes=num_classes,
+    )
+    for name, value in positive.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if input_size % patch_size:
+        raise ValueError(f"input_size={input_size} must be divisible by patch_size={patch_size}")
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size={hidden_size} must be divisible by num_heads={num_heads}")
+    if hidden_size % 4:
+        raise ValueError(f"hidden_size={hidden_size} must be divisible by 4 (2-D sin-cos positions)")
+    if not mlp_ratio > 0 or int(hidden_size * mlp_ratio) < 1:
+        raise ValueError(f"mlp_ratio must be > 0 with int(hidden_size * mlp_ratio) >= 1, got {mlp_ratio}")
+    if not 0.0 <= class_dropout_prob <= 1.0:
+        raise ValueError(f"class_dropout_prob must be in [0, 1], got {class_dropout_prob}")
+
+
+class SiT(nn.Module):
+    """Scalable Interpolant Transformer: latent image, time and class -> a field of the same shape.
+
+    What the output means (velocity, score or noise) is decided by the training objective, not here.
+
+    Args:
+        input_size: latent side length H = W (32 for 256 px images with the SD VAE).
+        patch_size: p; the image becomes (input_size / p)^2 tokens.
+        in_channels: latent channels C.
+        hidden_size: token width D.
+        depth: number of transformer blocks.
+        num_heads: attention heads (D divisible by it).
+        mlp_ratio: MLP hidden width / D.
+        class_dropout_prob: training-time probability of replacing a label by the null class
+            ``num_classes`` (classifier-free guidance). The label table has a null row iff this is > 0.
+        num_classes: number of real classes.
+        learn_sigma: keep the released layout whose final layer predicts 2C channels (DiT's
+            variance half). SiT never uses that half; ``forward`` returns only the first C channels.
+            True is needed to load the released checkpoints.
+        grad_checkpointing: recompute each block in the backward pass (activation checkpointing)
+            while training, trading about one extra forward for activation memory.
+    """
+
+    def __init__(
+        self,
+        input_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        num_classes: int = 1000,
+        learn_sigma: bool = True,
+        grad_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        _check_config(
+            input_size=input_size,
+            patch_size=patch_size,
+            in_channels=in_channels,
+            hidden_size=hidden_size,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            class_dropout_prob=class_dropout_prob,
+            num_classes=num_classes,
+        )
+        self.input_size = input_size
+        self.patch_size = patch_size
+        self.in_channels = in_channels
+        self.hidden_size = hidden_size
+        self.depth = depth
+        self.num_heads = num_heads
+        self.mlp_ratio = mlp_ratio
+        self.class_dropout_prob = class_dropout_prob
+        self.num_classes = num_classes
+        self.learn_sigma = learn_sigma
+        self.grad_checkpointing = grad_checkpointing
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.grid_size = input_size // patch_size
+        self.num_tokens = self.grid_size**2
+
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        # A parameter (not a buffer) so that it is saved under "pos_embed" as in the released
+        # checkpoints; frozen because it is the fixed sin-cos table.
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList(SiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    # -- construction helpers --------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str, **kwargs: Any) -> SiT:
+        """Build a named preset (``"SiT-XL/2"`` ...); ``kwargs`` go to :class:`SiT`. See :func:`build_sit`."""
+        return build_sit(name, **kwargs)
+
+    @property
+    def has_null_class(self) -> bool:
+        """Whether label ``num_classes`` (unconditional, for guidance) is a valid input."""
+        return self.class_dropout_prob > 0
+
+    def initialize_weights(self) -> None:
+        """DiT / released initialisation; also usable after ``to_empty`` from the meta device.
+
+        Linear layers: Xavier-uniform weights, zero biases. Patch projection: Xavier-uniform on its
+        (D, C p p) view. Label table and time MLP weights: N(0, 0.02^2). Positional table: fixed
+        sin-cos. adaLN-Zero: every modulation layer and the final linear start at zero, so the
+        network output is exactly zero at initialisation.
+        """
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        with torch.no_grad():
+            table = sincos_pos_embed_2d(self.hidden_size, self.grid_size)
+            self.pos_embed.copy_(table.to(self.pos_embed.dtype).unsqueeze(0))
+        weight = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=EMBED_INIT_STD)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=EMBED_INIT_STD)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=EMBED_INIT_STD)
+        for layer in [*(block.adaLN_modulation[-1] for block in self.blocks), self.final_layer.adaLN_modulation[-1]]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    # -- forward -----------------------------------------------------------------------------------
+    def _validate(self, x: Tensor, t: Tensor, y: Tensor, drop_labels: Tensor | None) -> None:
+        # Only shapes and dtypes here: they are static under torch.compile (guards, no graph break).
+        expected = (self.in_channels, self.input_size, self.input_size)
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"x must have shape (N, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
+        n = x.shape[0]
+        if t.shape != (n,):
+            raise ValueError(f"t must have shape ({n},) to match x, got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"t must be a floating-point tensor of times in [0, 1], got dtype {t.dtype}")
+        if y.shape != (n,):
+            raise ValueError(f"y must have shape ({n},) to match x, got {tuple(y.shape)}")
+        if y.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"y must hold integer class labels (int64 or int32), got dtype {y.dtype}")
+        if drop_labels is not None:
+            if drop_labels.shape != (n,) or drop_labels.dtype != torch.bool:
+                raise ValueError(
+                    f"drop_labels must be a bool tensor of shape ({n},), "
+                    f"got dtype {drop_labels.dtype} and shape {tuple(drop_labels.shape)}"
+                )
+            if not self.has_null_class:
+                raise ValueError("drop_labels needs a null class, but this model has class_dropout_prob=0")
+        # The range check reads label values, i.e. a device sync; it is skipped under torch.compile
+        # (where it would break the graph) and on the meta device. nn.Embedding still fails on an
+        # out-of-range index there (IndexError on CPU, a device-side assert on CUDA).
+        if not torch.compiler.is_compiling() and y.device.type != "meta" and n > 0:
+            low, high = (int(v) for v in torch.aminmax(y))
+            top = self.num_classes if self.has_null_class else self.num_classes - 1
+            if low < 0 or high > top:
+                null = f" ({self.num_classes} = null class)" if self.has_null_class else ""
+                raise ValueError(f"labels must be in [0, {top}]{null}, got values in [{low}, {high}]")
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor, *, drop_labels: Tensor | None = None) -> Tensor:
+        """Evaluate the network.
+
+        Label dropout (classifier-free guidance training): ``drop_labels`` (bool (N,)), when given,
+        replaces the marked labels by the null class ``num_classes`` in any mode; the LightningModule
+        passes a mask keyed by (seed, step, sample), so single-process and DDP runs drop the same
+        labels. Without it, in training mode with ``class_dropout_prob > 0``, each label is dropped
+        with that probability using ``torch.rand`` (the released behaviour). In eval mode without a
+        mask nothing is dropped. Labels equal to ``num_classes`` are accepted as unconditional input
+        when the null row exists.
+
+        Args:
+            x: (N, C, H, W) latents with C = in_channels and H = W = input_size.
+            t: (N,) float times in [0, 1]; 0 = noise, 1 = data (raw, not scaled by 1000).
+            y: (N,) int64 labels in [0, num_classes] (num_classes = null class, if it exists).
+            drop_labels: optional (N,) bool mask of labels to replace by the null class.
+
+        Returns:
+            (N, C, H, W): the network field (the ``learn_sigma`` half is dropped).
+
+        Raises:
+            ValueError: wrong shapes or dtypes, or labels out of range (value check skipped while
+                compiling, see ``_validate``).
+        """
+        self._validate(x, t, y, drop_labels)
+        if drop_labels is None and self.training and self.class_dropout_prob > 0:
+            drop_labels = torch.rand(y.shape, device=y.device) < self.class_dropout_prob
+        if drop_labels is not None:
+            y = torch.where(drop_labels, torch.full_like(y, self.num_classes), y)
+
+        h = self.x_embedder(x) + self.pos_embed  # (N, T, D)
+        c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
+        use_checkpoint = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.blocks:
+            h = checkpoint(block, h, c, use_reentrant=False) if use_checkpoint else block(h, c)
+        h = self.final_layer(h, c)  # (N, T, p * p * out_channels)
+        out = self.unpatchify(h)  # (N, out_channels, H, W)
+        return out[:, : self.in_channels]  # drop the unused learn_sigma half
+
+    def unpatchify(self, tokens: Tensor) -> Tensor:
+        """(N, T, p * p * c) -> (N, c, H, W); each token holds its patch as (row, column, channel)."""
+        n, p, g = tokens.shape[0], self.patch_size, self.grid_size
+        c = tokens.shape[-1] // (p * p)
+        x = tokens.reshape(n, g, g, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(n, c, g * p, g * p)
+
+    # -- cost ----------------------------------------------------------------------------------------
+    def flops_per_sample(self) -> int:
+        """Matmul FLOPs of one forward for one sample at this model's size; see :func:`forward_flops`."""
+        return forward_flops(
+            SiTConfig(self.depth, self.hidden_size, self.num_heads, self.patch_size),
+            input_size=self.input_size,
+            in_channels=self.in_channels,
+            mlp_ratio=self.mlp_ratio,
+            learn_sigma=self.learn_sigma,
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# Presets, parameter and FLOP counts
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SiTConfig:
+    """The architecture fields that distinguish the named presets."""
+
+    depth: int
+    hidden_size: int
+    num_heads: int
+    patch_size: int
+
+
+_SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
+_PATCHES = (2, 4, 8)
+
+#: The twelve released configurations, ``"SiT-XL/2"`` ... ``"SiT-S/8"`` (reference sheet §4).
+SIT_PRESETS: dict[str, SiTConfig] = {
+    f"SiT-{size}/{patch}": SiTConfig(depth, hidden, heads, patch)
+    for size, (depth, hidden, heads) in _SIZES.items()
+    for patch in _PATCHES
+}
+
+
+def _preset(name: str) -> SiTConfig:
+    if name not in SIT_PRESETS:
+        raise ValueError(f"unknown SiT preset {name!r}; choose one of {', '.join(SIT_PRESETS)}")
+    return SIT_PRESETS[name]
+
+
+def build_sit(name: str, **kwargs: Any) -> SiT:
+    """Build a preset, e.g. ``build_sit("SiT-XL/2", input_size=64)``.
+
+    Args:
+        name: a key of :data:`SIT_PRESETS`.
+        **kwargs: other :class:`SiT` arguments (input_size, num_classes, learn_sigma, ...). The preset
+            fields (depth, hidden_size, num_heads, patch_size) are fixed by the name.
+
+    Raises:
+        ValueError: unknown name (the message lists the presets) or a kwarg that overrides a preset field.
+    """
+    config = _preset(name)
+    clash = sorted(set(kwargs) & set(SiTConfig.__dataclass_fields__))
+    if clash:
+        raise ValueError(f"{name} fixes {', '.join(clash)}; build SiT(...) directly for a custom architecture")
+    return SiT(
+        depth=config.depth,
+        hidden_size=config.hidden_size,
+        num_heads=config.num_heads,
+        patch_size=config.patch_size,
+        **kwargs,
+    )
+
+
+#: Released-style table of constructors: ``SiT_models["SiT-XL/2"](input_size=32, num_classes=1000)``.
+SiT_models: dict[str, Callable[..., SiT]] = {name: functools.partial(build_sit, name) for name in SIT_PRESETS}
+
+
+def num_parameters(
+    config: SiTConfig | str,
+    *,
+    input_size: int = 32,
+    in_channels: int = 4,
+    mlp_ratio: float = 4.0,
+    learn_sigma: bool = True,
+    num_classes: int = 1000,
+    class_dropout_prob: float = 0.1,
+    trainable_only: bool = False,
+) -> int:
+    """Closed-form parameter count of a SiT (``trainable_only`` leaves out the frozen ``pos_embed``).
+
+    With D = hidden, p = patch, C = in_channels, m = int(D * mlp_ratio), T = (input_size / p)^2,
+    K = num_classes + [class_dropout_prob > 0] and O = C * (2 if learn_sigma else 1)::
+
+        T D                       pos_embed
+        + D C p^2 + D             patch projection
+        + 256 D + D + D^2 + D     time MLP
+        + K D                     label table
+        + depth * (12 D^2 + 2 m D + 10 D + m)   qkv, proj, fc1, fc2, adaLN (weights + biases)
+        + p^2 O D + p^2 O + 2 D^2 + 2 D         final linear and its adaLN
+    """
+    cfg = _preset(config) if isinstance(config, str) else config
+    d, p = cfg.hidden_size, cfg.patch_size
+    m = int(d * mlp_ratio)
+    tokens = (input_size // p) ** 2
+    out = in_channels * (2 if learn_sigma else 1)
+    rows = num_classes + int(class_dropout_prob > 0)
+    block = (3 * d * d + 3 * d) + (d * d + d) + (m * d + m) + (d * m + d) + (6 * d * d + 6 * d)
+    count = (
+        (d * in_channels * p * p + d)
+        + (TIME_FREQUENCY_DIM * d + d + d * d + d)
+        + rows * d
+        + cfg.depth * block
+        + (p * p * out * d + p * p * out + 2 * d * d + 2 * d)
+    )
+    return count if trainable_only else count + tokens * d
+
+
+def forward_flops(
+    config: SiTConfig | str,
+    *,
+    input_size: int = 32,
+    in_channels: int = 4,
+    mlp_ratio: float = 4.0,
+    learn_sigma: bool = True,
+) -> int:
+    """Matmul FLOPs (2 x multiply-accumulates) of one forward pass for one sample.
+
+    Counts every matrix product: the per-token linear layers (patch projection, qkv, attention
+    output, MLP, final linear, including the unused learn_sigma half that is still computed), the
+    per-sample conditioning layers (time MLP, adaLN), and attention's ``Q K^T`` and ``A V`` (2 T^2 D
+    MACs per block). Element-wise work (norms, softmax, GELU, biases) is left out. For SiT-XL/2 at
+    input_size 32 this is about 2 x 118.6 G (DiT's "118.6 Gflops" is a MAC count). A training step
+    costs about 3 x this (forward + backward), plus one more forward with grad checkpointing.
+    """
+    cfg = _preset(config) if isinstance(config, str) else config
+    d, p, depth = cfg.hidden_size, cfg.patch_size, cfg.depth
+    m = int(d * mlp_ratio)
+    tokens = (input_size // p) ** 2
+    out = in_channels * (2 if learn_sigma else 1)
+    per_token = d * in_channels * p * p + depth * (4 * d * d + 2 * m * d) + p * p * out * d
+    attention = depth * 2 * tokens * tokens * d
+    per_sample = TIME_FREQUENCY_DIM * d + d * d + depth * 6 * d * d + 2 * d * d
+    return 2 * (tokens * per_token + attention + per_sample)
