@@ -111,7 +111,8 @@ def load_released_state_dict(
         loaded = _torch_load(path, map_location)
     else:
         raise ValueError(
-            f"cannot read {path.name!r}: expected a suffix in {(*TORCH_SUFFIXES, SAFETENSORS_SUFFIX)}, got {suffix!r}"
+            f"cannot read {path.name!r}: expected a suffix in "
+            f"{(*TORCH_SUFFIXES, SAFETENSORS_SUFFIX)}, got {suffix!r}"
         )
     if not isinstance(loaded, Mapping):
         raise ValueError(f"{path} holds a {type(loaded).__name__}, not a state dict or checkpoint dict")
@@ -119,7 +120,8 @@ def load_released_state_dict(
         # A training checkpoint: pick the requested set of weights.
         if which not in loaded:
             raise ValueError(
-                f"{path} is a checkpoint dict without {which!r} weights; its top-level keys are {sorted(loaded)}"
+                f"{path} is a checkpoint dict without {which!r} weights; "
+                f"its top-level keys are {sorted(loaded)}"
             )
         loaded = loaded[which]
         if not isinstance(loaded, Mapping) or not all(isinstance(value, Tensor) for value in loaded.values()):
@@ -188,7 +190,9 @@ def _resolve_heads(layout: CheckpointLayout, preset: str | None, num_heads: int 
             layout.patch_size,
         ):
             return config.num_heads
-    raise ValueError(f"checkpoint ({found}) matches no preset; pass num_heads (it is not stored in the weights)")
+    raise ValueError(
+        f"checkpoint ({found}) matches no preset; pass num_heads (it is not stored in the weights)"
+    )
 
 
 def _resolve_input_size(layout: CheckpointLayout, input_size: int | None) -> int:
@@ -282,7 +286,8 @@ def load_released_sit(
     classes, class_dropout_prob = _resolve_classes(layout, num_classes)
     if layout.mlp_hidden % layout.hidden_size:
         raise ValueError(
-            f"MLP width {layout.mlp_hidden} is not a multiple of hidden_size={layout.hidden_size}; unsupported"
+            f"MLP width {layout.mlp_hidden} is not a multiple of "
+            f"hidden_size={layout.hidden_size}; unsupported"
         )
     with torch.device("meta"):  # no time spent initialising weights that are overwritten next
         model = SiT(

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -205,7 +206,8 @@ class SiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        modulation = self.adaLN_modulation(c).chunk(6, dim=1)  # 6 x (N, D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
@@ -370,7 +372,8 @@ class SiT(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=EMBED_INIT_STD)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=EMBED_INIT_STD)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=EMBED_INIT_STD)
-        for layer in [*(block.adaLN_modulation[-1] for block in self.blocks), self.final_layer.adaLN_modulation[-1]]:
+        modulations = [block.adaLN_modulation[-1] for block in self.blocks]
+        for layer in [*modulations, self.final_layer.adaLN_modulation[-1]]:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
         nn.init.zeros_(self.final_layer.linear.weight)
@@ -512,7 +515,9 @@ def build_sit(name: str, **kwargs: Any) -> SiT:
     config = _preset(name)
     clash = sorted(set(kwargs) & set(SiTConfig.__dataclass_fields__))
     if clash:
-        raise ValueError(f"{name} fixes {', '.join(clash)}; build SiT(...) directly for a custom architecture")
+        raise ValueError(
+            f"{name} fixes {', '.join(clash)}; build SiT(...) directly for a custom architecture"
+        )
     return SiT(
         depth=config.depth,
         hidden_size=config.hidden_size,
