@@ -270,7 +270,9 @@ class VP(Interpolant):
 
     def __init__(self, beta_min: float = VP_BETA_MIN, beta_max: float = VP_BETA_MAX) -> None:
         if not 0 <= beta_min < beta_max:
-            raise ValueError(f"VP needs 0 <= beta_min < beta_max; got beta_min={beta_min}, beta_max={beta_max}")
+            raise ValueError(
+                f"VP needs 0 <= beta_min < beta_max; got beta_min={beta_min}, beta_max={beta_max}"
+            )
         self.beta_min = float(beta_min)
         self.beta_max = float(beta_max)
 
