@@ -1,0 +1,447 @@
+"""SiTModule: the LightningModule that wires a SiT network, a training objective and the samplers.
+
+It does no math of its own: the loss is :meth:`TrainingObjective.loss`, the samplers live in
+:mod:`sit_lightning.sampling`. What it owns is *where the randomness comes from*: every draw that
+belongs to a training sample (its time ``t``, its noise ``x_0``, its label dropout) is keyed by
+``(seed, stream, global_step, batch["key"])`` through :mod:`sit_lightning.randomness`, so a run gives
+the same numbers on 1 or 64 processes, with any number of data workers, and after a resume.
+
+The ``__init__`` signature is the ``model:`` section of the YAML configs (LightningCLI).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal, NamedTuple, get_args
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+
+from .models import SIT_PRESETS, SiT
+from .objective import TrainingObjective
+from .randomness import keyed_generator, keyed_rand, keyed_randn
+
+__all__ = [
+    "LossProfile",
+    "SiTModule",
+    "SiTPreset",
+    "ShapeMismatchError",
+    "TrainingDraws",
+    "PAPER_LR",
+    "PAPER_BETAS",
+    "PAPER_WEIGHT_DECAY",
+]
+
+SiTPreset = Literal[
+    "SiT-S/2", "SiT-S/4", "SiT-S/8",
+    "SiT-B/2", "SiT-B/4", "SiT-B/8",
+    "SiT-L/2", "SiT-L/4", "SiT-L/8",
+    "SiT-XL/2", "SiT-XL/4", "SiT-XL/8",
+]  # fmt: skip
+assert set(get_args(SiTPreset)) == set(SIT_PRESETS), "SiTPreset must list exactly the presets of models.sit"
+
+#: The paper's optimizer (App. E; released train.py): AdamW, lr 1e-4, no weight decay, default betas.
+PAPER_LR = 1e-4
+PAPER_WEIGHT_DECAY = 0.0
+PAPER_BETAS = (0.9, 0.999)
+#: Number of equal bins on [0, 1] of the validation loss profile L_t (bin centres are the times).
+LOSS_PROFILE_BINS = 20
+
+# Stream names of the keyed draws: changing one changes every run's numbers.
+_STREAM_TIME = "train_time"
+_STREAM_NOISE = "train_noise"
+_STREAM_LABEL_DROP = "train_label_drop"
+_STREAM_VAL_NOISE = "val_noise"
+_STREAM_VAL_TIME = "val_time"
+_STREAM_SAMPLE = "sample"
+
+
+class ShapeMismatchError(ValueError):
+    """The data do not fit the network (latent shape or number of classes)."""
+
+
+class TrainingDraws(NamedTuple):
+    """The random inputs of one training batch, each row keyed by its sample key.
+
+    Attributes:
+        t: ``(N,)`` times on the objective's training interval.
+        x_0: ``(N, C, H, W)`` standard normal noise.
+        drop_labels: ``(N,)`` bool, True where the label is replaced by the null class.
+    """
+
+    t: Tensor
+    x_0: Tensor
+    drop_labels: Tensor
+
+
+class LossProfile(NamedTuple):
+    """The validation loss as a function of time, ``L_t`` (the table the ``w_KL,eta`` SDE needs).
+
+    Attributes:
+        times: ``(B,)`` bin-centre times on [0, 1] (0 = noise, 1 = data).
+        values: ``(B,)`` per-dimension mean squared error of the model's velocity against the
+            conditional velocity ``d_alpha x_1 + d_sigma x_0`` at each time (the velocity loss
+            ``L_v`` at ``t``; score and noise models are converted to velocity first, as the paper does).
+    """
+
+    times: Tensor
+    values: Tensor
+
+
+class SiTModule(LightningModule):
+    """SiT training, validation and sampling as a LightningModule.
+
+    Args:
+        arch: architecture preset (``SiT-{S,B,L,XL}/{2,4,8}``); patch size, depth, width and heads
+            come from it unless overridden below.
+        input_size: latent side length H = W (32 for 256 px images, 64 for 512 px).
+        in_channels: latent channels C (4 for the SD VAE).
+        num_classes: number of real classes (the null class ``num_classes`` is added for guidance).
+        learn_sigma: keep the released layout with the unused second output half (needed to load the
+            released checkpoints).
+        class_dropout_prob: probability of training a sample with the null label (classifier-free
+            guidance; 0.1 in the paper).
+        depth: override of the preset's number of blocks (small test/demo models).
+        hidden_size: override of the preset's width.
+        num_heads: override of the preset's attention heads.
+        patch_size: override of the preset's patch size.
+        grad_checkpointing: recompute each block in the backward pass (saves activation memory).
+        objective: interpolant x prediction x loss weighting x time sampler. Default: Linear path,
+            velocity prediction, uniform time (the paper's best setting).
+        optimizer: ``params -> Optimizer``. Default (None): the paper's AdamW(lr=1e-4, weight_decay=0,
+            betas=(0.9, 0.999)), fused on CUDA.
+        lr_scheduler: ``optimizer -> LRScheduler``; None keeps the paper's constant learning rate.
+        seed: base seed of every keyed draw and of the weight initialisation.
+        compile: ``torch.compile`` the network (after FSDP sharding when used).
+        loss_profile_bins: number of bins on [0, 1] of the validation loss profile.
+    """
+
+    def __init__(
+        self,
+        arch: SiTPreset = "SiT-B/2",
+        input_size: int = 32,
+        in_channels: int = 4,
+        num_classes: int = 1000,
+        learn_sigma: bool = True,
+        class_dropout_prob: float = 0.1,
+        depth: int | None = None,
+        hidden_size: int | None = None,
+        num_heads: int | None = None,
+        patch_size: int | None = None,
+        grad_checkpointing: bool = False,
+        objective: TrainingObjective | None = None,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        seed: int = 0,
+        compile: bool = False,
+        loss_profile_bins: int = LOSS_PROFILE_BINS,
+    ) -> None:
+        super().__init__()
+        if arch not in SIT_PRESETS:
+            raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(SIT_PRESETS)}")
+        if loss_profile_bins < 1:
+            raise ValueError(f"loss_profile_bins must be >= 1; got {loss_profile_bins}")
+        self.save_hyperparameters(ignore=["objective", "optimizer", "lr_scheduler"])
+        preset = SIT_PRESETS[arch]
+        # Weights depend on `seed` only, not on the global RNG state or on which rank builds them:
+        # FSDP2 shards the tensors each rank initialised, so all ranks must build the same ones.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.network = SiT(
+                input_size=input_size,
+                patch_size=preset.patch_size if patch_size is None else patch_size,
+                in_channels=in_channels,
+                hidden_size=preset.hidden_size if hidden_size is None else hidden_size,
+                depth=preset.depth if depth is None else depth,
+                num_heads=preset.num_heads if num_heads is None else num_heads,
+                class_dropout_prob=class_dropout_prob,
+                num_classes=num_classes,
+                learn_sigma=learn_sigma,
+                grad_checkpointing=grad_checkpointing,
+            )
+        self.objective = objective if objective is not None else TrainingObjective()
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.seed = int(seed)
+        self.compile_network = compile
+        self.latent_shape = (in_channels, input_size, input_size)
+        self._profile_times = (torch.arange(loss_profile_bins, dtype=torch.float64) + 0.5) / loss_profile_bins
+        self._profile: LossProfile | None = None
+        self._profile_sum: Tensor | None = None
+        self._profile_count: Tensor | None = None
+        self._ema_swap: Any = None  # set by EMACallback: a context manager factory, see ema_weights()
+
+    # ---- setup ---------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Check the data against the network before any step runs."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None:
+            self.check_data(
+                latent_shape=getattr(datamodule, "latent_shape", None),
+                num_classes=getattr(datamodule, "num_classes", None),
+            )
+
+    def check_data(self, latent_shape: Sequence[int] | None = None, num_classes: int | None = None) -> None:
+        """Raise :class:`ShapeMismatchError` if data of this shape / class count cannot feed the network.
+
+        Args:
+            latent_shape: ``(C, H, W)`` of one training sample, or None to skip.
+            num_classes: number of classes in the data, or None to skip.
+        """
+        if latent_shape is not None and tuple(int(s) for s in latent_shape) != self.latent_shape:
+            raise ShapeMismatchError(
+                f"the data's latent shape {tuple(latent_shape)} does not fit the model, which expects "
+                f"(in_channels, input_size, input_size) = {self.latent_shape}; set model.init_args.in_channels "
+                f"and model.init_args.input_size to match the data (e.g. input_size: 32 for 256 px, 64 for 512 px)"
+            )
+        if num_classes is not None and int(num_classes) > self.network.num_classes:
+            raise ShapeMismatchError(
+                f"the data has {num_classes} classes but the model's label table has {self.network.num_classes}; "
+                f"set model.init_args.num_classes: {num_classes}"
+            )
+
+    def configure_model(self) -> None:
+        """Shard the network with FSDP2 under ``ModelParallelStrategy`` (each block, then the root).
+
+        Under DDP or a single device nothing is sharded. Also compiles the network when asked.
+        """
+        mesh = self._device_mesh
+        if mesh is not None and not _is_fully_sharded(self.network):
+            from torch.distributed.fsdp import fully_shard
+
+            dp_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+            for block in self.network.blocks:
+                fully_shard(block, mesh=dp_mesh)
+            fully_shard(self.network, mesh=dp_mesh)
+        if self.compile_network and not getattr(self.network, "_sit_compiled", False):
+            self.network.compile()
+            self.network._sit_compiled = True
+
+    def configure_optimizers(self) -> Any:
+        """The injected optimizer and scheduler, or the paper's constant-LR AdamW."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        if self.optimizer_factory is None:
+            optimizer = torch.optim.AdamW(
+                params,
+                lr=PAPER_LR,
+                betas=PAPER_BETAS,
+                weight_decay=PAPER_WEIGHT_DECAY,
+                fused=self.device.type == "cuda" or None,
+            )
+        else:
+            optimizer = self.optimizer_factory(params)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- training ------------------------------------------------------------------------------
+    def training_draws(self, batch: dict[str, Tensor], step: int) -> TrainingDraws:
+        """Time, noise and label dropout of a batch, each row keyed by ``(seed, step, batch["key"])``.
+
+        Row ``i`` depends only on the seed, the optimizer step and ``batch["key"][i]``, never on the
+        rank, the worker or the other samples of the batch.
+        """
+        x_1, keys = batch["x"], batch["key"]
+        t = self._keyed_times(_STREAM_TIME, step, keys)
+        x_0 = keyed_randn(x_1.shape[1:], self.seed, _STREAM_NOISE, step, keys)
+        u = keyed_rand((), self.seed, _STREAM_LABEL_DROP, step, keys)
+        drop = u < self.network.class_dropout_prob
+        return TrainingDraws(
+            t=t.to(x_1.device, x_1.dtype), x_0=x_0.to(x_1.device, x_1.dtype), drop_labels=drop.to(x_1.device)
+        )
+
+    def _keyed_times(self, stream: str, step: int, keys: Tensor) -> Tensor:
+        """``(N,)`` times of the objective's time sampler, row ``i`` keyed by ``keys[i]``."""
+        times = [
+            self.objective.sample_time(1, generator=keyed_generator(self.seed, stream, step, k))
+            for k in keys.tolist()
+        ]
+        return torch.cat(times) if times else torch.empty(0)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        draws = self.training_draws(batch, self.global_step)
+        out = self.objective.loss(
+            self.network, batch["x"], t=draws.t, x_0=draws.x_0, y=batch["y"], drop_labels=draws.drop_labels
+        )
+        loss = out.loss.mean()
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        return loss
+
+    # ---- validation: loss and loss profile L_t -------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        bins = len(self._profile_times)
+        self._profile_sum = torch.zeros(bins, dtype=torch.float64, device=self.device)
+        self._profile_count = torch.zeros((), dtype=torch.float64, device=self.device)
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        x_1, y, keys = batch["x"], batch["y"], batch["key"]
+        # The plain objective at keyed times (comparable across runs), then L_t at fixed bin centres.
+        t = self._keyed_times(_STREAM_VAL_TIME, 0, keys)
+        x_0 = keyed_randn(x_1.shape[1:], self.seed, _STREAM_VAL_NOISE, 0, keys).to(x_1.device, x_1.dtype)
+        loss = self.objective.loss(self.network, x_1, t=t.to(x_1.device), x_0=x_0, y=y).loss.mean()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(keys))
+        interpolant = self.objective.interpolant
+        for k, t_k in enumerate(self._profile_times.tolist()):
+            x_0 = keyed_randn(x_1.shape[1:], self.seed, _STREAM_VAL_NOISE, k + 1, keys).to(
+                x_1.device, x_1.dtype
+            )
+            t_vec = torch.full((len(keys),), t_k, device=x_1.device, dtype=x_1.dtype)
+            x_t = interpolant.interpolate(x_0, x_1, t_vec)
+            out = self.network(x_t, t_vec, y).float()
+            velocity = interpolant.convert(
+                out, x_t.float(), t_vec.float(), self.objective.prediction, "velocity"
+            )
+            err = (velocity - interpolant.velocity(x_0.float(), x_1.float(), t_vec.float())).pow(2)
+            self._profile_sum[k] += err.flatten(1).mean(dim=1).sum().double()
+        self._profile_count += len(keys)
+        return loss
+
+    def on_validation_epoch_end(self) -> None:
+        if self._profile_sum is None or self.trainer.sanity_checking:
+            return
+        total = self.trainer.strategy.reduce(self._profile_sum, reduce_op="sum")
+        count = self.trainer.strategy.reduce(self._profile_count, reduce_op="sum")
+        if float(count) == 0:
+            return
+        values = (total / count).float().cpu()
+        self._profile = LossProfile(times=self._profile_times.float().clone(), values=values)
+        for t_k, v in zip(self._profile.times.tolist(), values.tolist()):
+            self.log(f"val/loss_t/{t_k:.3f}", v, rank_zero_only=True)
+
+    @property
+    def loss_profile(self) -> LossProfile | None:
+        """The latest validation loss profile ``L_t`` (None before the first validation)."""
+        return self._profile
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._profile is not None:
+            checkpoint["loss_profile"] = {"times": self._profile.times, "values": self._profile.values}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        stored = checkpoint.get("loss_profile")
+        if stored is not None:
+            self._profile = LossProfile(times=stored["times"].float(), values=stored["values"].float())
+
+    # ---- sampling ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def ema_weights(self, use_ema: bool = True) -> Iterator[None]:
+        """Within the block the network holds its EMA weights (if an EMACallback is attached)."""
+        if use_ema and self._ema_swap is not None:
+            with self._ema_swap(self):
+                yield
+        else:
+            yield
+
+    def sample_noise(self, indices: Sequence[int] | Tensor, seed: int | None = None) -> Tensor:
+        """``(N, C, H, W)`` starting noise; row ``i`` depends only on ``(seed, indices[i])``."""
+        seed = self.seed if seed is None else seed
+        return keyed_randn(self.latent_shape, seed, _STREAM_SAMPLE, 0, indices, device=self.device)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        labels: Tensor | Sequence[int],
+        *,
+        noise: Tensor | None = None,
+        seed: int | None = None,
+        indices: Sequence[int] | Tensor | None = None,
+        sampler: Literal["ode", "sde"] = "ode",
+        steps: int | None = None,
+        method: str | None = None,
+        cfg_scale: float = 1.0,
+        guidance_interval: tuple[float, float] | None = None,
+        guidance_channels: int | None = None,
+        diffusion: Any = None,
+        eta: float | None = None,
+        use_ema: bool = True,
+        **sampler_kwargs: Any,
+    ) -> Any:
+        """Draw latents with the ODE or SDE sampler of :mod:`sit_lightning.sampling` (EMA weights by default).
+
+        Every random number is keyed by ``(seed, indices[i])``: the starting noise and, for the SDE,
+        the noise of every step. So sample ``i`` is the same whatever batch or rank draws it.
+
+        Args:
+            labels: ``(N,)`` class labels.
+            noise: ``(N, C, H, W)`` starting noise at t0; default: keyed noise (see :meth:`sample_noise`).
+            seed: seed of the keyed draws; default: the module's seed.
+            indices: ``(N,)`` global sample indices of the keyed draws; default ``0..N-1``.
+            sampler: ``ode`` (probability flow) or ``sde``.
+            steps: grid steps (ODE default 125 Heun steps = 250 NFE; SDE default 250 steps).
+            method: integration method (ODE ``heun``/``euler``/``dopri5``...; SDE ``euler``/``heun``).
+            cfg_scale: classifier-free guidance scale (1 = no guidance, no extra pass).
+            guidance_interval: ``(t_lo, t_hi)`` where guidance is applied; None: everywhere.
+            guidance_channels: guide only the first k channels (3 = released code); None: all.
+            diffusion: SDE diffusion coefficient: a name (``w_kl``, ``sigma``, ...), an instance, or
+                ``w_kl_eta`` which uses :attr:`loss_profile` and ``eta`` (paper eq. 14).
+            eta: the ``eta`` of ``w_kl_eta``.
+            use_ema: sample with the EMA weights when an EMACallback is attached.
+            **sampler_kwargs: passed on to ``sample_ode`` / ``sample_sde`` (``grid``, ``last_step``...).
+
+        Returns:
+            the sampler's :class:`~sit_lightning.sampling.SampleResult` (``.samples`` are latents at t1,
+            ``.nfe`` the network evaluations).
+        """
+        from .sampling import ModelField, WKLEta, sample_ode, sample_sde
+        from .sampling.guidance import ClassifierFreeGuidance
+
+        if sampler not in ("ode", "sde"):
+            raise ValueError(f"sampler must be one of ('ode', 'sde'); got {sampler!r}")
+        seed = self.seed if seed is None else int(seed)
+        labels = torch.as_tensor(labels, dtype=torch.long, device=self.device)
+        indices = torch.arange(len(labels)) if indices is None else torch.as_tensor(indices).reshape(-1).cpu()
+        if len(indices) != len(labels):
+            raise ValueError(f"indices has {len(indices)} entries but labels has {len(labels)}")
+        noise = self.sample_noise(indices, seed) if noise is None else noise.to(self.device)
+        kwargs: dict[str, Any] = dict(sampler_kwargs)
+        if method is not None:
+            kwargs["method"] = method
+        if steps is not None:
+            kwargs["steps"] = steps
+        if sampler == "sde":
+            if diffusion == WKLEta.name:
+                if self.loss_profile is None or eta is None:
+                    raise ValueError(
+                        "diffusion='w_kl_eta' needs eta and a loss profile (run validation first)"
+                    )
+                times, values = self.loss_profile
+                diffusion = WKLEta(eta, times.tolist(), values.tolist())
+            if diffusion is not None:
+                kwargs["diffusion"] = diffusion
+            kwargs.setdefault(
+                "normals",
+                lambda k, shape: keyed_randn(
+                    shape[1:], seed, _STREAM_SAMPLE, k + 1, indices, device=self.device
+                ),
+            )
+        else:
+            kwargs.setdefault("t0", self.objective.sample_interval()[0])
+            kwargs.setdefault("t1", self.objective.sample_interval()[1])
+        was_training = self.network.training
+        self.network.eval()
+        try:
+            with self.ema_weights(use_ema):
+                net: Any = self.network
+                if cfg_scale != 1.0:
+                    net = ClassifierFreeGuidance(
+                        self.network,
+                        cfg_scale,
+                        null_class=self.network.num_classes,
+                        interval=guidance_interval,
+                        guidance_channels=guidance_channels,
+                    )
+                field = ModelField(net, self.objective.interpolant, self.objective.prediction, y=labels)
+                if sampler == "ode":
+                    return sample_ode(field, noise, **kwargs)
+                return sample_sde(field, noise, **kwargs)
+        finally:
+            self.network.train(was_training)
+
+
+def _is_fully_sharded(module: torch.nn.Module) -> bool:
+    return type(module).__name__.startswith("FSDP")
