@@ -1,0 +1,206 @@
+"""``LatentDataModule``: training batches from precomputed VAE latent shards.
+
+Every draw takes a random flip (p = 0.5: the stored moments of the flipped image) and a fresh posterior
+sample ``z = mean + std * n``, both keyed by ``(seed, key)`` -- the sample's position in the run's sample
+stream -- and never by rank or worker, then applies the index's normalisation (``z * 0.18215`` for the
+SD VAE). This reproduces the released SiT code's on-the-fly ``vae.encode(flip(x)).latent_dist.sample()``
+in distribution, at no VAE cost.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from sit_lightning.data.sampler import SampleStreamDataModule
+from sit_lightning.data.shards import LatentShards
+from sit_lightning.randomness import keyed_generator, keyed_rand, keyed_randn
+
+__all__ = ["LatentDataModule", "LatentSource", "FLIP_STREAM", "POSTERIOR_STREAM"]
+
+FLIP_STREAM = "data.flip"
+POSTERIOR_STREAM = "data.posterior"
+VAL_STREAM_PREFIX = "val."  # validation keys restart at 0: their own streams keep their draws apart
+SPLIT_STREAM = "data.val_split"
+FLIP_PROBABILITY = 0.5
+_KEYED_STEP = 0  # the key already holds the epoch, so the randomness "step" slot stays constant
+
+
+class LatentSource:
+    """Batched, keyed loading of latents from shards (the stream's ``SampleSource``).
+
+    Args:
+        shards: the shard reader.
+        seed: base seed of the flip and posterior draws.
+        flip: draw a horizontal flip with probability 0.5 per draw.
+        sample_posterior: draw ``z = mean + std * n``; ``False`` uses the posterior mean.
+        subset: dataset indices of this split into the shards (``None``: all).
+        stream_prefix: prepended to the random stream names (keeps validation draws apart).
+    """
+
+    def __init__(
+        self,
+        shards: LatentShards,
+        *,
+        seed: int,
+        flip: bool,
+        sample_posterior: bool,
+        subset: np.ndarray | None = None,
+        stream_prefix: str = "",
+    ) -> None:
+        self.shards = shards
+        self.seed = seed
+        self.flip = flip
+        self.sample_posterior = sample_posterior
+        self.subset = subset
+        self.flip_stream = stream_prefix + FLIP_STREAM
+        self.posterior_stream = stream_prefix + POSTERIOR_STREAM
+
+    def __len__(self) -> int:
+        return len(self.shards) if self.subset is None else len(self.subset)
+
+    def load(self, indices: np.ndarray, keys: np.ndarray) -> dict[str, Tensor]:
+        """``{"x": (b, C, H, W) float32 normalised latents, "y": (b,) int64}`` for split ``indices``."""
+        rows = indices if self.subset is None else self.subset[indices]
+        moments = torch.from_numpy(self.shards.moments(rows))  # (b, 2, 2, C, H, W)
+        b = len(rows)
+        if self.flip:
+            flipped = keyed_rand((), self.seed, self.flip_stream, _KEYED_STEP, keys) < FLIP_PROBABILITY
+        else:
+            flipped = torch.zeros(b, dtype=torch.bool)
+        chosen = moments[torch.arange(b), flipped.long()]  # (b, 2, C, H, W)
+        mean, std = chosen[:, 0], chosen[:, 1]
+        if self.sample_posterior:
+            noise = keyed_randn(self.shards.latent_shape, self.seed, self.posterior_stream, _KEYED_STEP, keys)
+            z = mean + std * noise
+        else:
+            z = mean
+        x = self.shards.normalize(z).to(torch.float32)
+        y = torch.from_numpy(self.shards.labels[rows].astype(np.int64))
+        return {"x": x, "y": y}
+
+
+class LatentDataModule(SampleStreamDataModule):
+    """Latent shards -> batches ``{"x": (b, C, H, W) float32, "y": (b,) int64, "key": (b,) int64}``.
+
+    ``b = global_batch_size / world_size``. ``key`` is the sample's position in the run's sample
+    stream (``epoch * samples_per_epoch + position``), independent of ranks and workers, so the module
+    can key its own draws (time, noise, label dropout) by ``(seed, key)``. Resumes mid-epoch exactly
+    from a Lightning checkpoint (see :mod:`sit_lightning.data.sampler`).
+
+    Args:
+        data_dir: shard folder written by ``sit-lightning precompute-latents``.
+        global_batch_size: samples per step over all devices (SiT: 256); must divide by the world size.
+        num_workers: data-loader worker processes per device.
+        seed: seed of the epoch shuffles, flips and posterior samples.
+        flip: random horizontal flip (p = 0.5) per draw, as the released training.
+        sample_posterior: fresh posterior sample per draw (released training); ``False``: the mean.
+        val_dir: a separate shard folder for validation.
+        val_fraction: hold out this fraction of ``data_dir`` (a fixed random subset keyed by ``seed``)
+            for validation when ``val_dir`` is not given; 0 disables validation.
+        val_global_batch_size: validation batch over all devices (default: ``global_batch_size``); the
+            remainder that does not fill a whole batch is not evaluated.
+        pin_memory: pin host memory for faster host-to-GPU copies.
+    """
+
+    def __init__(
+        self,
+        data_dir: str,
+        global_batch_size: int = 256,
+        num_workers: int = 4,
+        seed: int = 0,
+        flip: bool = True,
+        sample_posterior: bool = True,
+        val_dir: str | None = None,
+        val_fraction: float = 0.0,
+        val_global_batch_size: int | None = None,
+        pin_memory: bool = True,
+    ) -> None:
+        super().__init__(global_batch_size, num_workers, seed, pin_memory, val_global_batch_size)
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if val_dir is not None and val_fraction > 0:
+            raise ValueError("give either val_dir or val_fraction, not both")
+        self.save_hyperparameters()
+        self.data_dir = data_dir
+        self.flip = flip
+        self.sample_posterior = sample_posterior
+        self.val_dir = val_dir
+        self.val_fraction = val_fraction
+        self._shards: LatentShards | None = None
+        self._val_shards: LatentShards | None = None
+        self._train: LatentSource | None = None
+        self._val: LatentSource | None = None
+
+    # ----------------------------------------------------------------- metadata (read the index only)
+    @property
+    def shards(self) -> LatentShards:
+        """The training shard reader (opened and validated on first use)."""
+        if self._shards is None:
+            self._shards = LatentShards(Path(self.data_dir))
+        return self._shards
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one latent, from the index."""
+        return self.shards.latent_shape
+
+    @property
+    def num_classes(self) -> int:
+        return self.shards.num_classes
+
+    def check_latent_shape(self, expected: tuple[int, int, int]) -> None:
+        """Raise ``ValueError`` when the shards' latent shape is not what the model expects."""
+        if tuple(expected) != tuple(self.latent_shape):
+            raise ValueError(
+                f"latents in {self.data_dir} have shape (C, H, W) = {self.latent_shape}, the model expects "
+                f"{tuple(expected)}: check the model's input_size/in_channels or precompute at another image size"
+            )
+
+    def denormalize(self, x: Tensor) -> Tensor:
+        """Model samples ``x_1`` -> unscaled VAE latents for ``vae.decode``."""
+        return self.shards.denormalize(x)
+
+    # ----------------------------------------------------------------- splits
+    def setup(self, stage: str | None = None) -> None:
+        if self._train is not None:
+            return
+        shards = self.shards
+        train_subset = None
+        if self.val_fraction > 0:
+            g = keyed_generator(self.seed, SPLIT_STREAM)
+            order = torch.randperm(len(shards), generator=g).numpy()
+            n_val = int(round(self.val_fraction * len(shards)))
+            val_subset, train_subset = np.sort(order[:n_val]), np.sort(order[n_val:])
+            self._val = self._source(shards, val_subset, VAL_STREAM_PREFIX)
+        elif self.val_dir is not None:
+            self._val_shards = LatentShards(Path(self.val_dir))
+            if self._val_shards.latent_shape != shards.latent_shape:
+                raise ValueError(
+                    f"val_dir latents have shape {self._val_shards.latent_shape}, "
+                    f"data_dir latents {shards.latent_shape}"
+                )
+            self._val = self._source(self._val_shards, None, VAL_STREAM_PREFIX)
+        self._train = self._source(shards, train_subset, "")
+
+    def _source(self, shards: LatentShards, subset: np.ndarray | None, prefix: str) -> LatentSource:
+        return LatentSource(
+            shards,
+            seed=self.seed,
+            flip=self.flip,
+            sample_posterior=self.sample_posterior,
+            subset=subset,
+            stream_prefix=prefix,
+        )
+
+    def train_source(self) -> LatentSource:
+        self.setup()
+        assert self._train is not None
+        return self._train
+
+    def val_source(self) -> LatentSource | None:
+        self.setup()
+        return self._val

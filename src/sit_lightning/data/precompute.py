@@ -1,0 +1,322 @@
+"""``sit-lightning precompute-latents``: an ImageFolder tree -> VAE posterior moments -> latent shards.
+
+Each image is centre-cropped (ADM) and encoded twice, as is and horizontally flipped, with diffusers'
+``AutoencoderKL``; the posterior mean and std of both are stored (see :mod:`sit_lightning.data.shards`).
+One process per visible GPU (``torch.multiprocessing`` spawn) encodes a contiguous slice of the sorted
+image list into its own ``part-XXX`` folder; the parts are then merged into one index in image order,
+and a final pass reads every shard back (counts, finite values) and records per-channel statistics.
+Interrupted runs resume: each part keeps its complete shards and encodes only the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from sit_lightning.data.images import ImageFolderScan, load_image, scan_image_folder, to_model_input
+from sit_lightning.data.shards import (
+    DEFAULT_SHARD_SIZE,
+    INDEX_FILE,
+    SD_VAE_SCALE,
+    LatentShards,
+    LatentShardWriter,
+    Normalization,
+    StorageDtype,
+    merge_shard_parts,
+    read_npy_header,
+    validate_shards,
+    write_json_atomic,
+)
+
+__all__ = ["PrecomputeResult", "precompute_latents", "precompute_latents_main"]
+
+DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"  # the released SiT training default (--vae ema)
+PLAN_FILE = "precompute.json"  # what a resumed run must agree with
+PART_PREFIX = "part-"
+
+Devices = int | Literal["auto", "cpu"]
+
+
+@dataclass(frozen=True)
+class PrecomputeResult:
+    """What ``precompute_latents`` wrote."""
+
+    output_dir: str
+    count: int
+    num_classes: int
+    latent_shape: tuple[int, int, int]
+    num_processes: int
+    resumed_images: int  # images found already encoded in complete shards (0 for a fresh run)
+    channel_mean: list[float]
+    channel_std: list[float]
+
+
+@dataclass(frozen=True)
+class _PartJob:
+    """Everything one encoding process needs (picklable for spawn)."""
+
+    rank: int
+    device: str
+    paths: list[str]
+    labels: list[int]
+    part_dir: str
+    vae: str
+    image_size: int
+    batch_size: int
+    shard_size: int
+    num_workers: int
+    class_names: list[str]
+    dtype: StorageDtype
+    scale_factor: float
+    progress: bool
+
+
+class _CroppedImages(Dataset):
+    def __init__(self, paths: list[str], labels: list[int], image_size: int) -> None:
+        self.paths, self.labels, self.image_size = paths, labels, image_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        return load_image(self.paths[i], self.image_size), self.labels[i]
+
+
+def _resolve_devices(devices: Devices) -> list[str]:
+    if devices == "cpu":
+        return ["cpu"]
+    available = torch.cuda.device_count()
+    if devices == "auto":
+        return [f"cuda:{i}" for i in range(available)] or ["cpu"]
+    if isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1:
+        if devices > available:
+            raise ValueError(f"devices={devices} but only {available} CUDA device(s) are visible")
+        return [f"cuda:{i}" for i in range(devices)]
+    raise ValueError(f"devices={devices!r} is not a positive int, 'auto' or 'cpu'")
+
+
+def _load_vae(vae: str, device: str) -> Any:
+    from diffusers import AutoencoderKL  # heavy: imported only when encoding
+
+    model = AutoencoderKL.from_pretrained(vae)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def _latent_shape(vae_model: Any, image_size: int) -> tuple[int, int, int]:
+    factor = 2 ** (len(vae_model.config.block_out_channels) - 1)
+    if image_size % factor != 0:
+        raise ValueError(
+            f"image_size={image_size} is not a multiple of the VAE's downsampling factor {factor}"
+        )
+    return (int(vae_model.config.latent_channels), image_size // factor, image_size // factor)
+
+
+def _encode_part(job: _PartJob) -> None:
+    """Encode one slice of the image list into ``job.part_dir`` (resuming after its complete shards)."""
+    from tqdm.auto import tqdm
+
+    if (Path(job.part_dir) / INDEX_FILE).exists():
+        return  # this part finished in an earlier run
+    vae = _load_vae(job.vae, job.device)
+    writer = LatentShardWriter(
+        job.part_dir,
+        _latent_shape(vae, job.image_size),
+        shard_size=job.shard_size,
+        vae_id=job.vae,
+        class_names=job.class_names,
+        scale_factor=job.scale_factor,
+        dtype=job.dtype,
+        image_size=job.image_size,
+    )
+    done = writer.num_written
+    images = _CroppedImages(job.paths[done:], job.labels[done:], job.image_size)
+    loader = DataLoader(images, batch_size=job.batch_size, num_workers=job.num_workers, shuffle=False)
+    bar = tqdm(
+        total=len(job.paths),
+        initial=done,
+        desc=f"encode part {job.rank}",
+        position=job.rank,
+        disable=not job.progress,
+        unit="img",
+    )
+    with torch.no_grad():
+        for pixels, labels in loader:
+            x = to_model_input(pixels).to(job.device)  # (n, 3, S, S) in [-1, 1]
+            both = torch.cat([x, torch.flip(x, dims=[-1])])  # one encoder call for plain and flipped
+            posterior = vae.encode(both).latent_dist
+            mean, std = posterior.mean.float().chunk(2), posterior.std.float().chunk(2)
+            writer.add(mean[0], std[0], mean[1], std[1], labels)
+            bar.update(len(labels))
+    bar.close()
+    writer.close()
+
+
+def _spawned_worker(rank: int, jobs: list[_PartJob]) -> None:
+    if jobs[rank].device.startswith("cuda"):
+        torch.cuda.set_device(jobs[rank].device)
+    _encode_part(jobs[rank])
+
+
+def _plan(scan: ImageFolderScan, settings: dict[str, Any], output: Path, overwrite: bool) -> dict[str, Any]:
+    """Write or check the run plan: a resumed run must see the same images and settings."""
+    plan = {"count": len(scan), "class_names": scan.class_names, **settings}
+    path = output / PLAN_FILE
+    if path.exists() and not overwrite:
+        previous = json.loads(path.read_text())
+        if previous != plan:
+            changed = sorted(k for k in plan.keys() | previous.keys() if plan.get(k) != previous.get(k))
+            raise ValueError(
+                f"{output} holds a run with other settings or images (differs in {changed}); "
+                "rerun with the same arguments to resume, or pass overwrite=True"
+            )
+    else:
+        write_json_atomic(path, plan)
+    return plan
+
+
+def _clear(output: Path) -> None:
+    """Remove what an earlier run wrote (only our own files)."""
+    for entry in output.glob(f"{PART_PREFIX}*"):
+        if entry.is_dir():
+            shutil.rmtree(entry)
+    for name in (INDEX_FILE, PLAN_FILE):
+        (output / name).unlink(missing_ok=True)
+
+
+def precompute_latents(
+    image_root: str,
+    output_dir: str,
+    *,
+    vae: str = DEFAULT_VAE,
+    image_size: int = 256,
+    batch_size: int = 32,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    devices: Devices = "auto",
+    num_workers: int = 4,
+    normalization: Normalization = "scale",
+    scale_factor: float = SD_VAE_SCALE,
+    dtype: StorageDtype = "float32",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> PrecomputeResult:
+    """Encode an ImageFolder tree into latent shards (resumable).
+
+    Args:
+        image_root: ``root/<class>/<image>``; labels follow the sorted class folder names.
+        output_dir: the shard folder to write (``index.json`` appears when everything is done).
+        vae: ``AutoencoderKL.from_pretrained`` id or local folder.
+        image_size: side of the ADM centre crop in pixels (256 -> 32x32 latents with the SD VAE).
+        batch_size: images per encoder call per process (each is encoded plain and flipped).
+        shard_size: images per shard file.
+        devices: ``"auto"`` = every visible GPU (one process each) or the CPU without one; an int = the
+            first n GPUs; ``"cpu"``.
+        num_workers: image-decoding worker processes per encoding process.
+        normalization: what training applies: ``"scale"`` (``z * scale_factor``) or ``"channel"``
+            (per-channel standardisation with the statistics measured here).
+        scale_factor: the latent scale (SD VAE: 0.18215).
+        dtype: storage dtype of the moments.
+        overwrite: discard an earlier (complete or partial) run in ``output_dir``.
+        progress: show a progress bar per process.
+
+    Returns:
+        What was written, with the measured per-channel statistics of the unscaled latents.
+    """
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        _clear(output)
+    scan = scan_image_folder(image_root)
+    device_list = _resolve_devices(devices)
+    settings = {
+        "vae": vae,
+        "image_size": image_size,
+        "shard_size": shard_size,
+        "dtype": dtype,
+        "scale_factor": scale_factor,
+        "num_processes": len(device_list),
+    }
+    _plan(scan, settings, output, overwrite)
+    n, num_parts = len(scan), len(device_list)
+    bounds = [r * n // num_parts for r in range(num_parts + 1)]
+    part_dirs = [output / f"{PART_PREFIX}{r:03d}" for r in range(num_parts)]
+    resumed = sum(_complete_images(p, shard_size) for p in part_dirs)
+    jobs = [
+        _PartJob(
+            rank=r,
+            device=device_list[r],
+            paths=[str(p) for p in scan.paths[bounds[r] : bounds[r + 1]]],
+            labels=scan.labels[bounds[r] : bounds[r + 1]],
+            part_dir=str(part_dirs[r]),
+            vae=vae,
+            image_size=image_size,
+            batch_size=batch_size,
+            shard_size=shard_size,
+            num_workers=num_workers,
+            class_names=scan.class_names,
+            dtype=dtype,
+            scale_factor=scale_factor,
+            progress=progress,
+        )
+        for r in range(num_parts)
+    ]
+    if num_parts == 1:
+        _spawned_worker(0, jobs)
+    else:
+        torch.multiprocessing.spawn(_spawned_worker, args=(jobs,), nprocs=num_parts, join=True)
+
+    # merge, then read everything back and record the statistics (channel normalisation needs them)
+    merge_shard_parts(output, part_dirs, normalization="scale")
+    report = validate_shards(output)
+    if report.count != n:
+        raise RuntimeError(f"{output} holds {report.count} latents for {n} images")
+    merge_shard_parts(
+        output,
+        part_dirs,
+        normalization=normalization,
+        channel_mean=report.channel_mean,
+        channel_std=report.channel_std,
+    )
+    shards = LatentShards(output)
+    return PrecomputeResult(
+        output_dir=str(output),
+        count=len(shards),
+        num_classes=shards.num_classes,
+        latent_shape=shards.latent_shape,
+        num_processes=num_parts,
+        resumed_images=resumed,
+        channel_mean=report.channel_mean,
+        channel_std=report.channel_std,
+    )
+
+
+def _complete_images(part_dir: Path, shard_size: int) -> int:
+    """Images already in complete shards of a part (as a resumed writer will count them)."""
+    index = part_dir / INDEX_FILE
+    if index.exists():
+        return int(json.loads(index.read_text())["count"])
+    if not part_dir.is_dir():
+        return 0
+    return sum(
+        shard_size for m in part_dir.glob("moments-*.npy") if read_npy_header(m).shape[0] == shard_size
+    )
+
+
+def precompute_latents_main(argv: list[str] | None = None) -> int:
+    """Command-line entry: ``sit-lightning precompute-latents IMAGE_ROOT OUTPUT_DIR [--vae ...]``.
+
+    ``argv`` holds the arguments after the subcommand name (``None``: ``sys.argv[2:]`` is not assumed;
+    jsonargparse reads ``sys.argv[1:]``). Options are the keyword arguments of :func:`precompute_latents`
+    (``--help`` prints their documentation); a typo in a ``Literal`` choice fails at parse time.
+    """
+    from jsonargparse import auto_cli
+
+    result = auto_cli(precompute_latents, args=argv)
+    print(json.dumps(asdict(result), indent=1))
+    return 0

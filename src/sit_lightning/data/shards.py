@@ -1,0 +1,525 @@
+"""Latent shards: a folder of fixed-size ``.npy`` shards of VAE posterior moments, and its JSON index.
+
+Layout of a shard folder (``index.json`` is written last, atomically, so its presence means "complete")::
+
+    index.json
+    moments-000000.npy   (n, 2, 2, C, H, W)  [flip][mean, std]  UNSCALED VAE posterior moments
+    labels-000000.npy    (n,) int64
+    ...
+
+``[flip]`` is 0 for the image as is and 1 for the horizontally flipped image, so training draws a fresh
+posterior sample and a random flip at every step, as on-the-fly encoding would (the released SiT code
+calls ``vae.encode(x).latent_dist.sample() * 0.18215`` on a randomly flipped image every step), at no VAE
+cost. The reader applies the normalisation recorded in the index: ``z * scale_factor`` (the SD-VAE
+convention) or per-channel ``(z - channel_mean) / channel_std``. A merged folder (one part per encoding
+process) lists shard paths relative to the folder, e.g. ``part-001/moments-000003.npy``.
+
+Index fields: ``format``, ``version``, ``latent_shape`` [C, H, W], ``dtype``, ``count``, ``vae``,
+``image_size``, ``normalization`` ("scale" | "channel"), ``scale_factor``, ``channel_mean``,
+``channel_std`` (per-channel statistics of the unscaled posterior samples, or null), ``class_names``,
+``shard_size``, ``shards`` [{``moments``, ``labels``, ``count``}].
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, NamedTuple, get_args
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "SD_VAE_SCALE",
+    "DEFAULT_SHARD_SIZE",
+    "INDEX_FILE",
+    "Normalization",
+    "StorageDtype",
+    "LatentRecord",
+    "LatentShardWriter",
+    "LatentShards",
+    "ShardReport",
+    "merge_shard_parts",
+    "read_npy_header",
+    "validate_shards",
+    "write_json_atomic",
+]
+
+SD_VAE_SCALE = 0.18215  # Stable Diffusion VAE latent scale (released SiT: .mul_(0.18215))
+DEFAULT_SHARD_SIZE = 4096  # images per shard: 4096 x 64 KiB (4x32x32 float32 x 4 moments) = 256 MiB at 256 px
+INDEX_FILE = "index.json"
+WRITER_FILE = "writer.json"  # settings of a writer, so a resumed writer refuses different ones
+FORMAT_NAME = "sit-lightning/latent-shards"
+FORMAT_VERSION = 1
+FLIP_AXIS_SIZE = 2  # [plain, horizontally flipped]
+MOMENT_AXIS_SIZE = 2  # [mean, std]
+
+Normalization = Literal["scale", "channel"]
+StorageDtype = Literal["float32", "float16"]
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """Write JSON through a temporary file and ``os.replace`` (a reader never sees half a file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class NpyHeader(NamedTuple):
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    data_offset: int
+
+
+def read_npy_header(path: Path) -> NpyHeader:
+    """Shape, dtype and data offset of a ``.npy`` file, without reading its data."""
+    with open(path, "rb") as f:
+        major, _ = np.lib.format.read_magic(f)
+        read_header = (
+            np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        )
+        shape, _, dtype = read_header(f)
+        return NpyHeader(tuple(shape), np.dtype(dtype), f.tell())
+
+
+def _check_npy(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """Raise a ``ValueError`` naming ``path`` when it is missing, has another shape/dtype or is truncated."""
+    if not path.is_file():
+        raise FileNotFoundError(f"latent shard {path} is missing (listed in the index)")
+    try:
+        header = read_npy_header(path)
+    except (ValueError, OSError) as err:
+        raise ValueError(f"latent shard {path} has no valid .npy header: {err}") from err
+    if header.shape != shape or header.dtype != dtype:
+        raise ValueError(
+            f"latent shard {path} holds {header.dtype} {header.shape}, the index expects {dtype} {shape}"
+        )
+    expected = header.data_offset + int(np.prod(shape)) * dtype.itemsize
+    found = path.stat().st_size
+    if found != expected:
+        raise ValueError(
+            f"latent shard {path} is truncated or padded: expected {expected} bytes, found {found}"
+        )
+
+
+def _moments_shape(count: int, latent_shape: Sequence[int]) -> tuple[int, ...]:
+    return (count, FLIP_AXIS_SIZE, MOMENT_AXIS_SIZE, *latent_shape)
+
+
+def _shard_names(number: int) -> tuple[str, str]:
+    return f"moments-{number:06d}.npy", f"labels-{number:06d}.npy"
+
+
+class LatentRecord(NamedTuple):
+    """One image: unscaled posterior moments ``(C, H, W)`` of the plain and flipped image, and its label."""
+
+    mean: np.ndarray
+    std: np.ndarray
+    mean_flip: np.ndarray
+    std_flip: np.ndarray
+    label: int
+
+
+class LatentShardWriter:
+    """Writes posterior moments into fixed-size shards; atomic and resumable.
+
+    Every full shard is written through a temporary file and ``os.replace``; ``close()`` writes the last,
+    partial shard and then ``index.json``. A writer opened on a folder that holds complete shards but no
+    index continues after the last complete full shard: :attr:`num_written` tells the caller how many
+    samples to skip.
+
+    Args:
+        output_dir: the shard folder (created).
+        latent_shape: ``(C, H, W)`` of one latent.
+        shard_size: images per shard.
+        vae_id: the VAE the moments come from (hub id or path), recorded in the index.
+        class_names: label ``i`` is ``class_names[i]``.
+        scale_factor: multiplier the reader applies when ``normalization="scale"``.
+        channel_mean: per-channel mean of the unscaled latents (``normalization="channel"``).
+        channel_std: per-channel std of the unscaled latents (``normalization="channel"``).
+        normalization: what the reader applies by default.
+        dtype: storage dtype of the moments. float16 halves the disk but rounds the mean to 2^-11
+            relative, which can exceed a small posterior std: float32 by default.
+        image_size: the side of the centre-cropped images that were encoded (recorded only).
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        latent_shape: Sequence[int],
+        *,
+        shard_size: int = DEFAULT_SHARD_SIZE,
+        vae_id: str,
+        class_names: Sequence[str],
+        scale_factor: float | None = SD_VAE_SCALE,
+        channel_mean: Sequence[float] | None = None,
+        channel_std: Sequence[float] | None = None,
+        normalization: Normalization = "scale",
+        dtype: StorageDtype = "float32",
+        image_size: int | None = None,
+    ) -> None:
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        if len(latent_shape) != 3:
+            raise ValueError(f"latent_shape must be (C, H, W), got {tuple(latent_shape)}")
+        if dtype not in get_args(StorageDtype):
+            raise ValueError(f"dtype={dtype!r} is not one of {get_args(StorageDtype)}")
+        _check_normalization(normalization, scale_factor, channel_mean, channel_std, int(latent_shape[0]))
+        self.output_dir = Path(output_dir)
+        self.latent_shape = tuple(int(s) for s in latent_shape)
+        self.shard_size = shard_size
+        self.dtype = np.dtype(dtype)
+        self.meta: dict[str, Any] = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "latent_shape": list(self.latent_shape),
+            "dtype": dtype,
+            "vae": vae_id,
+            "image_size": image_size,
+            "normalization": normalization,
+            "scale_factor": scale_factor,
+            "channel_mean": None if channel_mean is None else [float(v) for v in channel_mean],
+            "channel_std": None if channel_std is None else [float(v) for v in channel_std],
+            "class_names": list(class_names),
+            "shard_size": shard_size,
+        }
+        if (self.output_dir / INDEX_FILE).exists():
+            raise FileExistsError(
+                f"{self.output_dir / INDEX_FILE} exists: the shard folder is already complete"
+            )
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._check_writer_settings()
+        self._shards: list[dict[str, Any]] = []
+        self._resume()
+        self._buffer: list[np.ndarray] = []
+        self._label_buffer: list[np.ndarray] = []
+        self._buffered = 0
+        self.closed = False
+
+    def _check_writer_settings(self) -> None:
+        settings = {k: self.meta[k] for k in ("format", "version", "latent_shape", "dtype", "shard_size")}
+        path = self.output_dir / WRITER_FILE
+        if path.exists():
+            previous = json.loads(path.read_text())
+            if previous != settings:
+                raise ValueError(
+                    f"{self.output_dir} was started with writer settings {previous}, now {settings}: "
+                    "use the same settings to resume or an empty folder"
+                )
+        else:
+            write_json_atomic(path, settings)
+
+    def _resume(self) -> None:
+        """Adopt the complete full shards a previous writer left (stops at the first missing/partial one)."""
+        number = 0
+        while True:
+            moments_name, labels_name = _shard_names(number)
+            try:
+                _check_npy(
+                    self.output_dir / moments_name,
+                    _moments_shape(self.shard_size, self.latent_shape),
+                    self.dtype,
+                )
+                _check_npy(self.output_dir / labels_name, (self.shard_size,), np.dtype(np.int64))
+            except (FileNotFoundError, ValueError):
+                return
+            self._shards.append({"moments": moments_name, "labels": labels_name, "count": self.shard_size})
+            number += 1
+
+    @property
+    def num_written(self) -> int:
+        """Samples in complete shards on disk (what a resumed run skips)."""
+        return sum(s["count"] for s in self._shards)
+
+    def add(
+        self,
+        mean: Tensor | np.ndarray,
+        std: Tensor | np.ndarray,
+        mean_flip: Tensor | np.ndarray,
+        std_flip: Tensor | np.ndarray,
+        labels: Tensor | np.ndarray,
+    ) -> None:
+        """Append a batch: four ``(n, C, H, W)`` unscaled moment arrays and ``(n,)`` integer labels."""
+        if self.closed:
+            raise RuntimeError("the writer is closed")
+        arrays = [_as_numpy(a) for a in (mean, std, mean_flip, std_flip)]
+        labels_np = _as_numpy(labels).astype(np.int64).reshape(-1)
+        n = labels_np.shape[0]
+        for name, a in zip(("mean", "std", "mean_flip", "std_flip"), arrays, strict=True):
+            if a.shape != (n, *self.latent_shape):
+                raise ValueError(f"{name} has shape {a.shape}, expected {(n, *self.latent_shape)}")
+        moments = np.stack([np.stack(arrays[:2], 1), np.stack(arrays[2:], 1)], 1).astype(self.dtype)
+        self._buffer.append(moments)  # (n, 2, 2, C, H, W)
+        self._label_buffer.append(labels_np)
+        self._buffered += n
+        while self._buffered >= self.shard_size:
+            self._flush(self.shard_size)
+
+    def _flush(self, count: int) -> None:
+        moments = np.concatenate(self._buffer)
+        labels = np.concatenate(self._label_buffer)
+        moments_name, labels_name = _shard_names(len(self._shards))
+        # labels first: a shard counts as complete only once its moments file exists as well
+        _save_npy_atomic(self.output_dir / labels_name, labels[:count])
+        _save_npy_atomic(self.output_dir / moments_name, np.ascontiguousarray(moments[:count]))
+        self._shards.append({"moments": moments_name, "labels": labels_name, "count": count})
+        self._buffer, self._label_buffer = [moments[count:]], [labels[count:]]
+        self._buffered -= count
+
+    def close(self) -> Path:
+        """Write the last partial shard and the index; returns the index path."""
+        if self._buffered:
+            self._flush(self._buffered)
+        self.closed = True
+        index = {**self.meta, "count": self.num_written, "shards": self._shards}
+        path = self.output_dir / INDEX_FILE
+        write_json_atomic(path, index)
+        return path
+
+
+def _as_numpy(a: Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(a, Tensor):
+        return a.detach().to("cpu", torch.float32 if a.is_floating_point() else torch.int64).numpy()
+    return np.asarray(a)
+
+
+def _check_normalization(
+    normalization: str,
+    scale_factor: float | None,
+    channel_mean: Sequence[float] | None,
+    channel_std: Sequence[float] | None,
+    channels: int,
+) -> None:
+    if normalization not in get_args(Normalization):
+        raise ValueError(f"normalization={normalization!r} is not one of {get_args(Normalization)}")
+    if normalization == "scale" and (scale_factor is None or scale_factor <= 0):
+        raise ValueError(f"normalization='scale' needs a positive scale_factor, got {scale_factor}")
+    if normalization == "channel":
+        if channel_mean is None or channel_std is None:
+            raise ValueError("normalization='channel' needs channel_mean and channel_std")
+        if len(channel_mean) != channels or len(channel_std) != channels or min(channel_std) <= 0:
+            raise ValueError(
+                f"channel_mean/channel_std must hold {channels} values with std > 0, "
+                f"got {list(channel_mean)} / {list(channel_std)}"
+            )
+
+
+class LatentShards:
+    """Memory-mapped reader of a shard folder; validates the index against the files on construction.
+
+    Args:
+        path: the shard folder (holding ``index.json``).
+
+    Raises:
+        FileNotFoundError: no index, or a listed shard is missing.
+        ValueError: a shard has another shape/dtype than the index says, or is truncated.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        index_path = self.path / INDEX_FILE
+        if not index_path.is_file():
+            raise FileNotFoundError(
+                f"{index_path} not found: not a latent shard folder, or precompute-latents has not finished"
+            )
+        self.index: dict[str, Any] = json.loads(index_path.read_text())
+        if self.index.get("format") != FORMAT_NAME or self.index.get("version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{index_path}: format {self.index.get('format')!r} version {self.index.get('version')!r}, "
+                f"expected {FORMAT_NAME!r} version {FORMAT_VERSION}"
+            )
+        self.latent_shape: tuple[int, int, int] = tuple(self.index["latent_shape"])  # type: ignore[assignment]
+        self.dtype = np.dtype(self.index["dtype"])
+        self.class_names: list[str] = list(self.index["class_names"])
+        _check_normalization(
+            self.index["normalization"],
+            self.index.get("scale_factor"),
+            self.index.get("channel_mean"),
+            self.index.get("channel_std"),
+            self.latent_shape[0],
+        )
+        counts = [int(s["count"]) for s in self.index["shards"]]
+        if sum(counts) != int(self.index["count"]):
+            raise ValueError(
+                f"{index_path}: shard counts sum to {sum(counts)}, index count is {self.index['count']}"
+            )
+        for shard, count in zip(self.index["shards"], counts, strict=True):
+            _check_npy(self.path / shard["moments"], _moments_shape(count, self.latent_shape), self.dtype)
+            _check_npy(self.path / shard["labels"], (count,), np.dtype(np.int64))
+        self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.labels = (
+            np.concatenate([np.load(self.path / s["labels"]) for s in self.index["shards"]])
+            if counts
+            else np.zeros((0,), np.int64)
+        )
+        self._memmaps: list[np.ndarray] | None = None  # opened lazily, per process (never pickled)
+
+    # ----------------------------------------------------------------- metadata
+    def __len__(self) -> int:
+        return int(self.index["count"])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def vae_id(self) -> str:
+        return str(self.index["vae"])
+
+    @property
+    def normalization(self) -> Normalization:
+        return self.index["normalization"]
+
+    @property
+    def scale_factor(self) -> float | None:
+        return self.index.get("scale_factor")
+
+    # ----------------------------------------------------------------- data
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_memmaps"] = None  # data-loader workers reopen the files instead of copying the data
+        return state
+
+    def _arrays(self) -> list[np.ndarray]:
+        if self._memmaps is None:
+            self._memmaps = [np.load(self.path / s["moments"], mmap_mode="r") for s in self.index["shards"]]
+        return self._memmaps
+
+    def moments(self, indices: np.ndarray | Sequence[int]) -> np.ndarray:
+        """``(n, 2, 2, C, H, W)`` float32 unscaled moments ``[flip][mean, std]`` of the images ``indices``."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"indices out of range [0, {len(self)})")
+        out = np.empty(_moments_shape(len(indices), self.latent_shape), np.float32)
+        shard_of = np.searchsorted(self._starts, indices, side="right") - 1
+        arrays = self._arrays()
+        for shard in np.unique(shard_of):
+            rows = np.nonzero(shard_of == shard)[0]
+            local = indices[rows] - self._starts[shard]
+            order = np.argsort(local)  # ascending offsets read the memmap front to back
+            out[rows[order]] = arrays[shard][local[order]]
+        return out
+
+    def __getitem__(self, index: int) -> LatentRecord:
+        m = self.moments([index])[0]
+        return LatentRecord(m[0, 0], m[0, 1], m[1, 0], m[1, 1], int(self.labels[index]))
+
+    # ----------------------------------------------------------------- normalisation
+    def _channel_stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        shape = (-1, 1, 1)
+        mean = torch.tensor(self.index["channel_mean"], dtype=like.dtype, device=like.device).view(shape)
+        std = torch.tensor(self.index["channel_std"], dtype=like.dtype, device=like.device).view(shape)
+        return mean, std
+
+    def normalize(self, z: Tensor) -> Tensor:
+        """Unscaled VAE latents ``(..., C, H, W)`` -> the model's data space ``x_1``."""
+        if self.normalization == "scale":
+            return z * self.scale_factor
+        mean, std = self._channel_stats(z)
+        return (z - mean) / std
+
+    def denormalize(self, x: Tensor) -> Tensor:
+        """Inverse of :meth:`normalize`: model samples -> latents for ``vae.decode``."""
+        if self.normalization == "scale":
+            return x / self.scale_factor
+        mean, std = self._channel_stats(x)
+        return x * std + mean
+
+
+@dataclass(frozen=True)
+class ShardReport:
+    """Result of :func:`validate_shards`: count and per-channel statistics of the unscaled posterior samples."""
+
+    count: int
+    channel_mean: list[float]
+    channel_std: list[float]
+
+
+def validate_shards(path: str | os.PathLike, *, chunk: int = 1024) -> ShardReport:
+    """Read every shard of a folder: shapes and sizes (via :class:`LatentShards`), finite values,
+    ``std >= 0``, labels in range; returns the per-channel mean and std of ``z = mean + std * n``
+    over images, both flips and positions (``Var z = E[mean^2 + std^2] - (E mean)^2``)."""
+    shards = LatentShards(path)
+    channels = shards.latent_shape[0]
+    total = np.zeros(channels, np.float64)
+    total_sq = np.zeros(channels, np.float64)
+    per_image = FLIP_AXIS_SIZE * shards.latent_shape[1] * shards.latent_shape[2]
+    for start in range(0, len(shards), chunk):
+        m = shards.moments(np.arange(start, min(start + chunk, len(shards)))).astype(np.float64)
+        if not np.isfinite(m).all():
+            bad = start + int(np.nonzero(~np.isfinite(m).reshape(len(m), -1).all(1))[0][0])
+            raise ValueError(f"{path}: non-finite moments at image {bad}")
+        if (m[:, :, 1] < 0).any():
+            raise ValueError(f"{path}: negative posterior std in images {start}..{start + len(m) - 1}")
+        total += m[:, :, 0].sum(axis=(0, 1, 3, 4))
+        total_sq += (m[:, :, 0] ** 2 + m[:, :, 1] ** 2).sum(axis=(0, 1, 3, 4))
+    if len(shards.labels) and (shards.labels.min() < 0 or shards.labels.max() >= max(shards.num_classes, 1)):
+        raise ValueError(f"{path}: labels outside [0, {shards.num_classes})")
+    n = max(len(shards) * per_image, 1)
+    mean = total / n
+    std = np.sqrt(np.maximum(total_sq / n - mean**2, 0.0))
+    return ShardReport(len(shards), mean.tolist(), std.tolist())
+
+
+def merge_shard_parts(
+    output_dir: str | os.PathLike,
+    part_dirs: Sequence[str | os.PathLike],
+    *,
+    normalization: Normalization | None = None,
+    channel_mean: Sequence[float] | None = None,
+    channel_std: Sequence[float] | None = None,
+) -> Path:
+    """Write one index over complete part folders (each with its own index), in the given order.
+
+    Shard paths become relative to ``output_dir``; metadata must agree between parts. ``normalization``
+    and the channel statistics, when given, replace the parts' values.
+    """
+    root = Path(output_dir)
+    parts = [json.loads((Path(p) / INDEX_FILE).read_text()) for p in part_dirs]
+    if not parts:
+        raise ValueError("no part folders to merge")
+    shared = ("format", "version", "latent_shape", "dtype", "vae", "image_size", "class_names", "shard_size")
+    for p, meta in zip(part_dirs, parts, strict=True):
+        for key in shared:
+            if meta[key] != parts[0][key]:
+                raise ValueError(f"part {p} has {key}={meta[key]!r}, the first part has {parts[0][key]!r}")
+    index = {k: v for k, v in parts[0].items() if k not in ("shards", "count")}
+    if channel_mean is not None:
+        index["channel_mean"] = [float(v) for v in channel_mean]
+    if channel_std is not None:
+        index["channel_std"] = [float(v) for v in channel_std]
+    if normalization is not None:
+        index["normalization"] = normalization
+    _check_normalization(
+        index["normalization"],
+        index.get("scale_factor"),
+        index.get("channel_mean"),
+        index.get("channel_std"),
+        int(index["latent_shape"][0]),
+    )
+    shards = []
+    for p, meta in zip(part_dirs, parts, strict=True):
+        rel = os.path.relpath(Path(p), root)
+        for s in meta["shards"]:
+            shards.append({**s, "moments": f"{rel}/{s['moments']}", "labels": f"{rel}/{s['labels']}"})
+    index["count"] = sum(s["count"] for s in shards)
+    index["shards"] = shards
+    path = root / INDEX_FILE
+    write_json_atomic(path, index)
+    return path
