@@ -191,3 +191,33 @@ def test_bad_arguments_fail_with_the_allowed_values() -> None:
     detached = FunctionField(lambda x, t: exact_fields(Linear(), MEAN, COV, x, t).velocity.detach(), Linear())
     with pytest.raises(RuntimeError, match="differentiable"):
         likelihood(detached, x, steps=1)
+
+
+def test_exact_divergence_through_the_sit_network_equals_the_jacobian_trace(golden: dict) -> None:
+    # One Euler step from t1 to t0 gives delta = (t0 - t1) div v(x, t1): compare with the trace of the
+    # network's full Jacobian, per sample, through ModelField (which must not switch gradients off).
+    # float32: models/sit.py feeds float32 time features to its time MLP, so it cannot run in float64.
+    from sit_lightning.models import SiT
+
+    model = SiT(
+        input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10
+    )
+    state = {k.removeprefix("model."): v for k, v in golden.items() if k.startswith("model.")}
+    model.load_state_dict(state, strict=True)
+    model = model.eval()
+    x, y = golden["ode.noise"][:2], golden["ode.y"][:2]
+    t1, t0 = 0.9, 0.2
+    field = ModelField(model, Linear(), y=y)
+    result = likelihood(field, x, method="euler", steps=1, t0=t0, t1=t1, divergence="exact")
+    for i, (x_i, y_i) in enumerate(zip(x, y, strict=True)):
+
+        def one_sample(xi: torch.Tensor, y_i: torch.Tensor = y_i) -> torch.Tensor:
+            return model(xi[None], torch.full((1,), t1), y_i[None])[0]
+
+        jac = torch.autograd.functional.jacobian(one_sample, x_i, vectorize=True)  # (C, H, W, C, H, W)
+        trace = jac.reshape(x_i.numel(), x_i.numel()).diagonal().sum()
+        delta = result.log_density[i] - standard_normal_logp(result.prior_z[i : i + 1])[0]
+        assert torch.allclose(delta, (t0 - t1) * trace, rtol=1e-4, atol=1e-3), (delta, trace)
+    expected_z = x + (t0 - t1) * model(x, torch.full((2,), t1), y)
+    assert torch.allclose(result.prior_z, expected_z, rtol=1e-5, atol=1e-5)
+    assert result.nfe == field.nfe == 1
