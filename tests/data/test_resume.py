@@ -51,7 +51,9 @@ def _trainer(root: Path, callbacks: list | None = None) -> pl.Trainer:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[list[int]], Path]:
     root = tmp_path_factory.mktemp("resume")
-    checkpoints = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=1, save_top_k=-1, filename="{step}")
+    checkpoints = ModelCheckpoint(
+        dirpath=root / "ckpt", every_n_train_steps=1, save_top_k=-1, filename="{step}"
+    )
     model = KeyRecorder()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -87,4 +89,6 @@ def test_checkpoint_holds_the_consumed_position(uninterrupted: tuple[list[list[i
     checkpoint = torch.load(ckpt_dir / "step=3.ckpt", weights_only=False)
     assert checkpoint["DigitsDataModule"]["next_step"] == 3
     # the fit loop also saves the train loader's state (Lightning's resumable-loader protocol)
-    assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"version": 1, "next_step": 3}]
+    assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
+        {"version": 1, "next_step": 3}
+    ]

@@ -233,7 +233,13 @@ class ResumableLoader(DataLoader):
         stream: GlobalBatchStream = self.dataset  # type: ignore[assignment]
         stream.start = self.position.next_step
         stream.stop = stream.sampler.epoch_end(stream.start)
-        return super().__iter__()
+        return self._pass(super().__iter__(), stream.stop)
+
+    def _pass(self, batches: Iterator[Any], stop: int) -> Iterator[Any]:
+        yield from batches
+        # a finished pass moves on to the next epoch even where no datamodule hook counts the batches
+        # (a loader used outside its datamodule); with the hook this sets the value it already holds
+        self.position.next_step = max(self.position.next_step, stop)
 
     def state_dict(self) -> dict[str, int]:
         return self.position.state_dict()

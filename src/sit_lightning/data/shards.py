@@ -491,6 +491,7 @@ def merge_shard_parts(
     and the channel statistics, when given, replace the parts' values.
     """
     root = Path(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
     parts = [json.loads((Path(p) / INDEX_FILE).read_text()) for p in part_dirs]
     if not parts:
         raise ValueError("no part folders to merge")
