@@ -201,9 +201,18 @@ def likelihood(
         if method in ADAPTIVE_METHODS:
             from torchdiffeq import odeint  # lazy: only adaptive methods need it
 
+            if not (atol > 0 and rtol > 0):
+                raise ValueError(f"atol and rtol must be > 0; got atol={atol}, rtol={rtol}")
             ends = torch.tensor([t1, t0], dtype=x.dtype, device=x.device)
+            # step_t: land on t0 instead of stepping past it, so the field is never asked outside [t0, t1].
             state = odeint(
-                lambda t, s: augmented.velocity(s, t), state, ends, method=method, atol=atol, rtol=rtol
+                lambda t, s: augmented.velocity(s, t),
+                state,
+                ends,
+                method=method,
+                atol=atol,
+                rtol=rtol,
+                options={"step_t": ends[1:]},
             )[-1]
         else:
             # data end -> noise end on the sampler's uniform grid, reversed (as sample_ode(reverse=True))
