@@ -1,6 +1,6 @@
 """SiT networks (no Lightning here): the model, its presets and the released-checkpoint loader."""
 
-from .checkpoint import load_released_sit, load_released_state_dict
+from .checkpoint import load_released_sit, load_released_state_dict, sit_from_state_dict
 from .sit import (
     SIT_PRESETS,
     SiT,
@@ -24,5 +24,6 @@ __all__ = [
     "load_released_state_dict",
     "num_parameters",
     "sincos_pos_embed_2d",
+    "sit_from_state_dict",
     "timestep_embedding",
 ]

@@ -33,7 +33,14 @@ from torch import Tensor
 
 from .sit import SIT_PRESETS, SiT
 
-__all__ = ["CheckpointLayout", "Which", "load_released_sit", "load_released_state_dict", "read_layout"]
+__all__ = [
+    "CheckpointLayout",
+    "Which",
+    "load_released_sit",
+    "load_released_state_dict",
+    "read_layout",
+    "sit_from_state_dict",
+]
 
 Which = Literal["ema", "model"]
 WHICH: tuple[str, ...] = get_args(Which)
@@ -242,45 +249,24 @@ def _resolve_classes(layout: CheckpointLayout, num_classes: int | None) -> tuple
     )
 
 
-def load_released_sit(
-    path: str | Path,
+def sit_from_state_dict(
+    state_dict: Mapping[str, Tensor],
     preset: str | None = None,
     *,
     input_size: int | None = 32,
     num_classes: int | None = None,
     learn_sigma: bool | None = None,
     num_heads: int | None = None,
-    which: Which = "ema",
-    map_location: str | torch.device = "cpu",
+    device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> SiT:
-    """Build a :class:`SiT` from a released weight file and load it with ``strict=True``.
+    """Build the :class:`SiT` a released-layout state dict describes and load it with ``strict=True``.
 
-    Every setting left as ``None`` is read from the weights; every setting given is checked against
-    them, so a mismatch fails here with a message instead of as a size error inside
-    ``load_state_dict`` (released issue #10).
-
-    Args:
-        path: see :func:`load_released_state_dict`.
-        preset: e.g. ``"SiT-XL/2"``; checked against depth, width and patch size. ``None``: take the
-            preset that matches the weights (for its number of heads), else ``num_heads`` is required.
-        input_size: latent side (32 for 256 px, 64 for 512 px); ``None`` reads it from ``pos_embed``.
-        num_classes: real classes; ``None`` assumes the released layout (label table = classes + null).
-        learn_sigma: ``None`` reads it from the final layer (p*p*2C rows: True, p*p*C rows: False).
-        num_heads: only for architectures outside the presets.
-        which: ``"ema"`` or ``"model"`` for training checkpoints.
-        map_location: device of the returned model.
-        dtype: floating-point dtype of the returned model.
-
-    Returns:
-        The model in eval mode. ``class_dropout_prob`` is 0.1 (the released value) when the label
-        table has a null row, else 0.
-
-    Raises:
-        ValueError: the weights do not fit the preset, image size, class count or learn_sigma given,
-            naming the expected and the found shapes.
+    Every setting left as ``None`` is read from the tensor shapes; every setting given is checked
+    against them, so a mismatch fails here with a message naming the expected and the found shapes,
+    not as a size error inside ``load_state_dict`` (released issue #10). Arguments as in
+    :func:`load_released_sit`; ``device`` may be ``"meta"``.
     """
-    state_dict = load_released_state_dict(path, which=which, map_location=map_location)
     layout = read_layout(state_dict)
     heads = _resolve_heads(layout, preset, num_heads)
     classes, class_dropout_prob = _resolve_classes(layout, num_classes)
@@ -302,9 +288,61 @@ def load_released_sit(
             num_classes=classes,
             learn_sigma=_resolve_learn_sigma(layout, learn_sigma),
         )
-    state_dict = {
-        key: value.to(device=map_location, dtype=dtype) if value.is_floating_point() else value
+    converted = {
+        key: value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device=device)
         for key, value in state_dict.items()
     }
-    model.load_state_dict(state_dict, strict=True, assign=True)
+    # assign=True adopts the loaded tensors (the meta model has no storage); requires_grad is kept
+    # from the model, so pos_embed stays frozen.
+    model.load_state_dict(converted, strict=True, assign=True)
     return model.eval()
+
+
+def load_released_sit(
+    path: str | Path,
+    preset: str | None = None,
+    *,
+    input_size: int | None = 32,
+    num_classes: int | None = None,
+    learn_sigma: bool | None = None,
+    num_heads: int | None = None,
+    which: Which = "ema",
+    map_location: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> SiT:
+    """Load a released SiT weight file (or released training checkpoint) as a ready :class:`SiT`.
+
+    Example: ``load_released_sit("SiT-XL-2-256x256.pt", "SiT-XL/2")``, or for the 512 px model
+    ``load_released_sit("SiT-XL-2-512x512.pt", "SiT-XL/2", input_size=64)``.
+
+    Args:
+        path: see :func:`load_released_state_dict`.
+        preset: e.g. ``"SiT-XL/2"``; checked against depth, width and patch size. ``None``: take the
+            preset that matches the weights (for its number of heads), else ``num_heads`` is required.
+        input_size: latent side (32 for 256 px, 64 for 512 px); ``None`` reads it from ``pos_embed``.
+        num_classes: real classes; ``None`` assumes the released layout (label table = classes + null).
+        learn_sigma: ``None`` reads it from the final layer (p*p*2C rows: True, p*p*C rows: False).
+        num_heads: only for architectures outside the presets (heads are not stored in the weights).
+        which: ``"ema"`` (default) or ``"model"`` for training checkpoints.
+        map_location: device of the returned model.
+        dtype: floating-point dtype of the returned model.
+
+    Returns:
+        The model in eval mode. ``class_dropout_prob`` is 0.1 (the released value) when the label
+        table has a null row, else 0.
+
+    Raises:
+        ValueError: the weights do not fit the preset, image size, class count or learn_sigma given,
+            naming the expected and the found shapes; or the file is not a SiT checkpoint.
+    """
+    state_dict = load_released_state_dict(path, which=which, map_location=map_location)
+    return sit_from_state_dict(
+        state_dict,
+        preset,
+        input_size=input_size,
+        num_classes=num_classes,
+        learn_sigma=learn_sigma,
+        num_heads=num_heads,
+        device=map_location,
+        dtype=dtype,
+    )
