@@ -145,9 +145,12 @@ class ClassifierFreeGuidance:
         the unconditional (or guide) batch; other keyword arguments are passed unchanged.
         """
         n = x.shape[0]
+        if self.scale == 1.0:  # exactly the conditional model: no unconditional pass at all
+            return self._call_main(x, t, y, kwargs)
         rows = self.guided_rows(t, n)
-        n_guided = int(rows.sum())
-        if n_guided == 0:  # scale 1 or outside the interval: conditional only, batch not doubled
+        # Without an interval every row is guided: skip the count (a device sync on GPU).
+        n_guided = n if self.interval is None else int(rows.sum())
+        if n_guided == 0:  # outside the interval: conditional only, batch not doubled
             return self._call_main(x, t, y, kwargs)
         every = n_guided == n
         if self.guide is not None:
