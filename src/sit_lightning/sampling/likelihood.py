@@ -155,7 +155,8 @@ def likelihood(
         probe: ``(N, ...)`` Hutchinson probe, one per trajectory (``E[eps eps^T] = I`` required for
             unbiasedness); default: drawn once from ``probe_distribution`` with ``generator``.
         probe_distribution: ``rademacher`` (+-1, the lowest-variance choice) or ``gaussian``.
-        generator: source of the dequantisation noise (drawn first) and the probe (drawn second).
+        generator: source of the dequantisation noise (drawn first) and the probe (drawn second), drawn
+            on the generator's device and moved to ``x``'s.
         dequantize: add ``U[0, 1)`` noise of one bin to discrete data and report NLL and bits/dim of
             the discrete ``bits``-bit data (module docstring).
         bits: bit depth of the discrete data (8 for images); used only with ``dequantize``.
@@ -185,8 +186,8 @@ def likelihood(
     bin_width = None
     if dequantize:
         bin_width = _check_pixel_grid(x, bits)
-        u = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-        x = x + bin_width * u
+        u = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=_draw_device(generator, x))
+        x = x + bin_width * u.to(x.device)
     if divergence == "hutchinson":
         if probe is None:
             probe = _draw_probe(x, probe_distribution, generator)
@@ -286,11 +287,17 @@ def _exact_divergence(v: Tensor, x: Tensor) -> Tensor:
     return div
 
 
+def _draw_device(generator: torch.Generator | None, x: Tensor) -> torch.device:
+    """Draw on the generator's device (a CPU generator then gives the same numbers for CUDA data)."""
+    return x.device if generator is None else generator.device
+
+
 def _draw_probe(x: Tensor, distribution: str, generator: torch.Generator | None) -> Tensor:
+    device = _draw_device(generator, x)
     if distribution == "gaussian":
-        return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-    bits = torch.randint(0, 2, x.shape, generator=generator, device=x.device)
-    return (2 * bits - 1).to(x.dtype)
+        return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
+    bits = torch.randint(0, 2, x.shape, generator=generator, device=device)
+    return (2 * bits - 1).to(device=x.device, dtype=x.dtype)
 
 
 def _interval(field: VectorField, t0: float | None, t1: float | None) -> tuple[float, float]:
