@@ -185,7 +185,17 @@ def _sample_adaptive(
     if not (atol > 0 and rtol > 0):
         raise ValueError(f"atol and rtol must be > 0; got atol={atol}, rtol={rtol}")
     times = torch.tensor([start, end], dtype=noise.dtype, device=noise.device)
-    path = odeint(lambda t, x: field.velocity(x, t), noise, times, method=method, atol=atol, rtol=rtol)
+    # step_t makes the solver land on the end time instead of stepping past it and interpolating back:
+    # the field is never evaluated outside [t0, t1] (VP's sigma is NaN beyond t = 1).
+    path = odeint(
+        lambda t, x: field.velocity(x, t),
+        noise,
+        times,
+        method=method,
+        atol=atol,
+        rtol=rtol,
+        options={"step_t": times[1:]},
+    )
     return SampleResult(
         samples=path[-1],
         nfe=field.nfe - nfe_before,
