@@ -195,7 +195,9 @@ def test_golden_state_dict_loads_strictly_and_matches_released_forward(golden):
     with torch.no_grad():
         out = model(golden["forward.x"], golden["forward.t"], golden["forward.y"])
     assert out.shape == golden["forward.out"].shape
-    assert rel_err(out, golden["forward.out"]) < 1e-5
+    # Same operations as the released code: float32 round-off only (0 on the reference machine). Exact
+    # GELU instead of the tanh form would give 4.5e-6 here, so the bound is tighter than the 1e-5 asked.
+    assert rel_err(out, golden["forward.out"]) < 1e-6
 
 
 def test_golden_pos_embed_equals_our_init(golden):
@@ -299,6 +301,16 @@ def test_time_features_stay_float32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(*tiny_inputs())
     assert seen["dtype"] == torch.float32
+
+
+def test_mlp_uses_tanh_gelu():
+    model = tiny_random()
+    mlp = model.blocks[0].mlp
+    x = 3 * torch.randn(5, 7, 64, generator=torch.Generator().manual_seed(0))
+    h = mlp.fc1(x)
+    gelu_tanh = 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3)))
+    assert torch.allclose(mlp(x), mlp.fc2(gelu_tanh), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(mlp(x), mlp.fc2(torch.nn.functional.gelu(h)), atol=1e-5, rtol=1e-5)
 
 
 def test_output_is_the_first_in_channels_of_the_learn_sigma_head():
