@@ -33,6 +33,7 @@ __all__ = [
     "PAPER_LR",
     "PAPER_BETAS",
     "PAPER_WEIGHT_DECAY",
+    "PaperAdamW",
 ]
 
 SiTPreset = Literal[
@@ -57,6 +58,39 @@ _STREAM_LABEL_DROP = "train_label_drop"
 _STREAM_VAL_NOISE = "val_noise"
 _STREAM_VAL_TIME = "val_time"
 _STREAM_SAMPLE = "sample"
+
+
+class PaperAdamW(torch.optim.AdamW):
+    """AdamW with the paper's defaults (lr 1e-4, no weight decay, betas (0.9, 0.999)), fused on CUDA.
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate (constant in the paper).
+        betas: Adam's moment decays.
+        eps: Adam's denominator guard.
+        weight_decay: decoupled weight decay.
+        fused: the fused CUDA kernel; None picks it when every parameter is a plain CUDA tensor
+            (sharded DTensor parameters use the default multi-tensor kernel).
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = PAPER_LR,
+        betas: tuple[float, float] = PAPER_BETAS,
+        eps: float = 1e-8,
+        weight_decay: float = PAPER_WEIGHT_DECAY,
+        fused: bool | None = None,
+    ) -> None:
+        params = list(params)
+        if fused is None:
+            tensors = [
+                p for group in params for p in (group["params"] if isinstance(group, dict) else [group])
+            ]
+            fused = bool(tensors) and all(
+                p.is_cuda and type(p) in (torch.Tensor, torch.nn.Parameter) for p in tensors
+            )
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused or None)
 
 
 class ShapeMismatchError(ValueError):
@@ -111,8 +145,8 @@ class SiTModule(LightningModule):
         grad_checkpointing: recompute each block in the backward pass (saves activation memory).
         objective: interpolant x prediction x loss weighting x time sampler. Default: Linear path,
             velocity prediction, uniform time (the paper's best setting).
-        optimizer: ``params -> Optimizer``. Default (None): the paper's AdamW(lr=1e-4, weight_decay=0,
-            betas=(0.9, 0.999)), fused on CUDA.
+        optimizer: ``params -> Optimizer``; default :class:`PaperAdamW` (the paper's AdamW, lr 1e-4,
+            fused on CUDA).
         lr_scheduler: ``optimizer -> LRScheduler``; None keeps the paper's constant learning rate.
         seed: base seed of every keyed draw and of the weight initialisation.
         compile: ``torch.compile`` the network (after FSDP sharding when used).
@@ -133,7 +167,7 @@ class SiTModule(LightningModule):
         patch_size: int | None = None,
         grad_checkpointing: bool = False,
         objective: TrainingObjective | None = None,
-        optimizer: OptimizerCallable | None = None,
+        optimizer: OptimizerCallable = PaperAdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         seed: int = 0,
         compile: bool = False,
@@ -194,13 +228,13 @@ class SiTModule(LightningModule):
         if latent_shape is not None and tuple(int(s) for s in latent_shape) != self.latent_shape:
             raise ShapeMismatchError(
                 f"the data's latent shape {tuple(latent_shape)} does not fit the model, which expects "
-                f"(in_channels, input_size, input_size) = {self.latent_shape}; set model.init_args.in_channels "
-                f"and model.init_args.input_size to match the data (e.g. input_size: 32 for 256 px, 64 for 512 px)"
+                f"(in_channels, input_size, input_size) = {self.latent_shape}; set model.in_channels "
+                f"and model.input_size to match the data (e.g. input_size: 32 for 256 px, 64 for 512 px)"
             )
         if num_classes is not None and int(num_classes) > self.network.num_classes:
             raise ShapeMismatchError(
                 f"the data has {num_classes} classes but the model's label table has {self.network.num_classes}; "
-                f"set model.init_args.num_classes: {num_classes}"
+                f"set model.num_classes: {num_classes}"
             )
 
     def configure_model(self) -> None:
@@ -222,17 +256,7 @@ class SiTModule(LightningModule):
 
     def configure_optimizers(self) -> Any:
         """The injected optimizer and scheduler, or the paper's constant-LR AdamW."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        if self.optimizer_factory is None:
-            optimizer = torch.optim.AdamW(
-                params,
-                lr=PAPER_LR,
-                betas=PAPER_BETAS,
-                weight_decay=PAPER_WEIGHT_DECAY,
-                fused=self.device.type == "cuda" or None,
-            )
-        else:
-            optimizer = self.optimizer_factory(params)
+        optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
@@ -310,7 +334,7 @@ class SiTModule(LightningModule):
             return
         values = (total / count).float().cpu()
         self._profile = LossProfile(times=self._profile_times.float().clone(), values=values)
-        for t_k, v in zip(self._profile.times.tolist(), values.tolist()):
+        for t_k, v in zip(self._profile.times.tolist(), values.tolist(), strict=True):
             self.log(f"val/loss_t/{t_k:.3f}", v, rank_zero_only=True)
 
     @property

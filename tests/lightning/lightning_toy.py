@@ -79,3 +79,97 @@ def trainer_kwargs(**overrides: Any) -> dict[str, Any]:
     )
     kwargs.update(overrides)
     return kwargs
+
+
+# ------------------------------------------------------------------------------------------------
+# One training run (single process, DDP or FSDP2) whose final state can be compared across runs.
+# ------------------------------------------------------------------------------------------------
+EMA_DECAY = 0.5  # far below the paper's 0.9999 so that a few steps move the EMA visibly
+TEST_LR = 1e-2  # large so that a few steps move the weights far from their initial values
+# The key part of attn.qkv.bias has an exactly zero true gradient (softmax is shift invariant), so its
+# computed gradient is round-off whose sign depends on the summation order (1 vs 2 processes).
+# Adam with eps=1e-8 turns that round-off into full +-lr steps; eps=1e-6 keeps it negligible while
+# every real gradient (>> 1e-6) is still normalised as usual.
+TEST_ADAM_EPS = 1e-6
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(t, DTensor):
+        t = t.full_tensor()
+    return t.detach().cpu().clone()
+
+
+def final_state(module: Any, trainer: Any, ema: Any) -> dict[str, dict[str, torch.Tensor]]:
+    """Full weights, AdamW moments and EMA keyed by parameter name (collective under FSDP2)."""
+    optimizer = trainer.optimizers[0]
+    weights, moments = {}, {}
+    for name, p in module.named_parameters():
+        weights[name] = _full(p)
+        state = optimizer.state.get(p, {})
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            if key in state:
+                moments[f"{name}.{key}"] = _full(state[key]).float()
+    return {"weights": weights, "optimizer": moments, "ema": dict(ema.state_dict()["ema"])}
+
+
+def make_strategy(kind: str) -> Any:
+    if kind == "single":
+        return "auto"
+    if kind == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(process_group_backend="gloo")
+    if kind == "fsdp":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    raise ValueError(f"strategy must be single | ddp | fsdp; got {kind!r}")
+
+
+def run_training(kind: str, steps: int, split: bool, workdir: str, devices: int = 1) -> dict | None:
+    """Train the tiny SiT for ``steps`` steps (or steps/2, checkpoint, resume, steps/2) and return its state.
+
+    Returns the final state on rank 0 and None on the other ranks.
+    """
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from sit_lightning.callbacks import EMACallback
+    from sit_lightning.module import SiTModule
+
+    def make(max_steps: int, checkpoint_every: int = 0) -> tuple[Any, Any, Any]:
+        module = SiTModule(
+            **TINY_MODEL,
+            optimizer=lambda params: torch.optim.AdamW(
+                params, lr=TEST_LR, eps=TEST_ADAM_EPS, weight_decay=0.0
+            ),
+        )
+        ema = EMACallback(decay=EMA_DECAY)
+        callbacks: list[Any] = [ema]
+        if checkpoint_every:
+            # A checkpoint written during training (as in real runs), not after fit() returned.
+            callbacks.append(
+                ModelCheckpoint(workdir, filename="half", every_n_train_steps=checkpoint_every, save_top_k=-1)
+            )
+        trainer = pl.Trainer(
+            **trainer_kwargs(
+                max_steps=max_steps,
+                callbacks=callbacks,
+                strategy=make_strategy(kind),
+                devices=devices,
+                enable_checkpointing=bool(checkpoint_every),
+            )
+        )
+        return module, ema, trainer
+
+    ckpt = None
+    if split:
+        module, ema, trainer = make(steps // 2, checkpoint_every=steps // 2)
+        trainer.fit(module, RandomLatentsDataModule())
+        ckpt = f"{workdir}/half.ckpt"
+    module, ema, trainer = make(steps)
+    trainer.fit(module, RandomLatentsDataModule(), ckpt_path=ckpt)
+    state = final_state(module, trainer, ema)
+    return state if trainer.global_rank == 0 else None

@@ -147,7 +147,7 @@ class EMACallback(Callback):
         """Parameter name -> EMA tensor (local shard under FSDP2), float32."""
         if self._ema is None or self._names is None:
             raise RuntimeError("the EMA is not initialised yet (no training or validation has started)")
-        return dict(zip(self._names, self._ema))
+        return dict(zip(self._names, self._ema, strict=True))
 
     # ---- swap ----------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -158,7 +158,7 @@ class EMACallback(Callback):
         params = [_local(p).detach() for _, p in self._named_params(pl_module)]
         with torch.no_grad():
             backup = [p.clone() for p in params]
-            torch._foreach_copy_(params, [e.to(p.dtype) for e, p in zip(self._ema, params)])
+            torch._foreach_copy_(params, [e.to(p.dtype) for e, p in zip(self._ema, params, strict=True)])
         try:
             yield
         finally:
@@ -206,7 +206,9 @@ class EMACallback(Callback):
             assert self._names is not None and self._module_ref is not None
             ema = {
                 name: _full_tensor(e, p).cpu()
-                for name, e, (_, p) in zip(self._names, self._ema, self._named_params(self._module_ref))
+                for name, e, (_, p) in zip(
+                    self._names, self._ema, self._named_params(self._module_ref), strict=True
+                )
             }
         return {"decay": self.decay, "num_updates": self.num_updates, "ema": ema}
 
@@ -241,6 +243,6 @@ def _local_slice(full: Tensor, param: Tensor) -> Tensor:
         shape, offset = compute_local_shape_and_global_offset(
             param.shape, param.device_mesh, param.placements
         )
-        index = tuple(slice(o, o + s) for o, s in zip(offset, shape))
+        index = tuple(slice(o, o + s) for o, s in zip(offset, shape, strict=True))
         return full[index].to(local.device)
     return full.to(local.device)
