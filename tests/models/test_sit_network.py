@@ -313,6 +313,19 @@ def test_mlp_uses_tanh_gelu():
     assert not torch.allclose(mlp(x), mlp.fc2(torch.nn.functional.gelu(h)), atol=1e-5, rtol=1e-5)
 
 
+def test_float64_and_pure_bf16_weights_run():
+    model = tiny_random().eval()
+    x, t, y = tiny_inputs()
+    with torch.no_grad():
+        reference = model(x, t, y)
+        as_double = model.double()(x.double(), t.double(), y)
+        assert as_double.dtype == torch.float64
+        assert rel_err(as_double, reference) < 1e-6
+        as_bf16 = model.bfloat16()(x.bfloat16(), t, y)  # as under FSDP2 mixed precision
+        assert as_bf16.dtype == torch.bfloat16
+        assert rel_err(as_bf16.float(), reference) < 5e-2
+
+
 def test_output_is_the_first_in_channels_of_the_learn_sigma_head():
     model = tiny_random().eval()
     x, t, y = tiny_inputs()
@@ -408,6 +421,14 @@ def test_input_validation_messages(change, message):
     model = tiny_random().eval()
     with pytest.raises(ValueError, match=message):
         model(*change(*tiny_inputs()))
+
+
+def test_label_range_check_can_be_switched_off():
+    model = tiny_random().eval()
+    x, t, y = tiny_inputs()
+    model.check_label_range = False
+    with pytest.raises(IndexError):  # the embedding lookup still refuses, without the clear message
+        model(x, t, y + 11)
 
 
 def test_drop_labels_validation_message():

@@ -60,8 +60,8 @@ def timestep_embedding(
 ) -> Tensor:
     """Sinusoidal time features ``[cos(t w_k), sin(t w_k)]`` (cos first, as released).
 
-    Always computed in float32, whatever dtype ``t`` has or autocast says: the features of nearby
-    times differ in low bits that bfloat16 would round away.
+    Computed in float32 (float64 for float64 ``t``), whatever autocast says or how low the precision
+    of ``t`` is: the features of nearby times differ in low bits that bfloat16 would round away.
 
     Args:
         t: (N,) times in [0, 1] (raw, 0 = noise, 1 = data).
@@ -69,12 +69,13 @@ def timestep_embedding(
         max_period: longest period.
 
     Returns:
-        (N, dim) float32 features (a zero column is appended when ``dim`` is odd).
+        (N, dim) float32 (or float64) features; a zero column is appended when ``dim`` is odd.
     """
+    dtype = torch.promote_types(t.dtype, torch.float32)
     half = dim // 2
-    k = torch.arange(half, dtype=torch.float32, device=t.device)
+    k = torch.arange(half, dtype=dtype, device=t.device)
     freqs = torch.exp(-math.log(max_period) * k / half)  # (half,)
-    args = t.to(torch.float32)[:, None] * freqs[None]  # (N, half)
+    args = t.to(dtype)[:, None] * freqs[None]  # (N, half)
     embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
         embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
@@ -132,7 +133,10 @@ class TimestepEmbedder(nn.Module):
         )
 
     def forward(self, t: Tensor) -> Tensor:
-        return self.mlp(timestep_embedding(t, self.frequency_dim))
+        features = timestep_embedding(t, self.frequency_dim)  # (N, 256), float32
+        # To the weights' dtype: a no-op for float32 weights (autocast then casts per matmul); needed
+        # when the weights themselves are float64 or bfloat16 (e.g. FSDP2 mixed precision).
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
 
 
 class LabelEmbedder(nn.Module):
@@ -287,6 +291,11 @@ class SiT(nn.Module):
             True is needed to load the released checkpoints.
         grad_checkpointing: recompute each block in the backward pass (activation checkpointing)
             while training, trading about one extra forward for activation memory.
+
+    Attributes:
+        check_label_range: check label values in eager mode (default True). The check reads the
+            labels back (one device sync per call); set it False to keep an eager GPU loop fully
+            asynchronous. It never runs under ``torch.compile``.
     """
 
     def __init__(
@@ -326,6 +335,7 @@ class SiT(nn.Module):
         self.num_classes = num_classes
         self.learn_sigma = learn_sigma
         self.grad_checkpointing = grad_checkpointing
+        self.check_label_range = True
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.grid_size = input_size // patch_size
         self.num_tokens = self.grid_size**2
@@ -403,9 +413,10 @@ class SiT(nn.Module):
             if not self.has_null_class:
                 raise ValueError("drop_labels needs a null class, but this model has class_dropout_prob=0")
         # The range check reads label values, i.e. a device sync; it is skipped under torch.compile
-        # (where it would break the graph) and on the meta device. nn.Embedding still fails on an
-        # out-of-range index there (IndexError on CPU, a device-side assert on CUDA).
-        if not torch.compiler.is_compiling() and y.device.type != "meta" and n > 0:
+        # (where it would break the graph), on the meta device and when switched off. nn.Embedding
+        # still fails on an out-of-range index there (IndexError on CPU, a device-side assert on CUDA).
+        check = self.check_label_range and y.device.type != "meta" and n > 0
+        if check and not torch.compiler.is_compiling():
             low, high = (int(v) for v in torch.aminmax(y))
             top = self.num_classes if self.has_null_class else self.num_classes - 1
             if low < 0 or high > top:
