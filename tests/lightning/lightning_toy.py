@@ -111,7 +111,14 @@ def final_state(module: Any, trainer: Any, ema: Any) -> dict[str, dict[str, torc
         for key in ("exp_avg", "exp_avg_sq", "step"):
             if key in state:
                 moments[f"{name}.{key}"] = _full(state[key]).float()
-    return {"weights": weights, "optimizer": moments, "ema": dict(ema.state_dict()["ema"])}
+    from torch.distributed.tensor import DTensor
+
+    ema_local = sum(t.numel() for t in ema.ema_tensors().values())
+    meta = {
+        "dtensor_params": torch.tensor(sum(isinstance(p, DTensor) for p in module.parameters())),
+        "ema_local_fraction": torch.tensor(ema_local / sum(w.numel() for w in weights.values())),
+    }
+    return {"weights": weights, "optimizer": moments, "ema": dict(ema.state_dict()["ema"]), "meta": meta}
 
 
 def make_strategy(kind: str) -> Any:

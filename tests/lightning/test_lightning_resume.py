@@ -1,0 +1,95 @@
+"""Exact resume on CPU, and DDP / FSDP2 runs (2 processes, gloo) equal to one process with the same global batch.
+
+Every random draw of a training sample is keyed by (seed, step, sample key), and the global batch of a
+step is the same set of samples for any world size, so the only differences allowed between 1 and 2
+processes are float32 summation orders (per tensor within 1e-5, norm-relative). Within one process,
+stopping and resuming must not change a single bit of the weights, the AdamW state or the EMA.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning_toy import TINY_MODEL, run_training
+
+from sit_lightning.module import SiTModule
+
+STEPS = 4  # 2 epochs of 2 steps (16 samples, global batch 8); the split run resumes after step 2
+REL_TOL = 1e-5
+HERE = Path(__file__).resolve().parent
+SECTIONS = ("weights", "optimizer", "ema")
+
+
+@pytest.fixture(scope="module")
+def deterministic():
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+@pytest.fixture(scope="module")
+def straight(deterministic, tmp_path_factory) -> dict:
+    """STEPS steps in one go, one process."""
+    return run_training("single", STEPS, split=False, workdir=str(tmp_path_factory.mktemp("straight")))
+
+
+@pytest.fixture(scope="module")
+def distributed(tmp_path_factory) -> Path:
+    """DDP and FSDP2 on 2 CPU processes (torchrun, gloo), each split in two halves with a resume."""
+    workdir = tmp_path_factory.mktemp("distributed")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(HERE / "lightning_dist_run.py"), "ddp,fsdp", str(STEPS), str(workdir),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return workdir
+
+
+def test_resume_is_bit_identical(straight, tmp_path) -> None:
+    resumed = run_training("single", STEPS, split=True, workdir=str(tmp_path))
+    assert (tmp_path / "half.ckpt").is_file()
+    for section in SECTIONS:
+        assert straight[section].keys() == resumed[section].keys()
+        differ = [k for k in straight[section] if not torch.equal(straight[section][k], resumed[section][k])]
+        assert not differ, f"{section} differs after resume: {differ[:5]}"
+    # the comparison is not vacuous: training moved the weights and the EMA lags behind them
+    initial = dict(SiTModule(**TINY_MODEL).named_parameters())
+    moved = sum((straight["weights"][k] - initial[k].detach()).norm() for k in initial)
+    lag = sum((straight["weights"][k] - straight["ema"][k]).norm() for k in initial)
+    assert moved > 0.1 and lag > 0.01
+
+
+def _relative_errors(reference: dict, other: dict) -> dict[str, float]:
+    errors = {}
+    for section in SECTIONS:
+        assert reference[section].keys() == other[section].keys(), section
+        for key, ref in reference[section].items():
+            errors[f"{section}/{key}"] = (
+                (other[section][key] - ref).norm() / ref.norm().clamp_min(1e-30)
+            ).item()
+    return errors
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_two_process_run_with_resume_equals_one_process(kind, straight, distributed) -> None:
+    result = torch.load(distributed / kind / "result.pt", weights_only=True)
+    errors = _relative_errors(straight, result)
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= REL_TOL, (
+        f"{kind}: worst tensor {worst} differs by {errors[worst]:.2e} (norm-relative)"
+    )
+    if kind == "fsdp":
+        # really sharded: every parameter a DTensor, and each rank's EMA holds only its shards
+        assert int(result["meta"]["dtensor_params"]) == len(result["weights"])
+        assert float(result["meta"]["ema_local_fraction"]) < 0.75
+        assert (distributed / kind / "half.ckpt").is_dir()  # a sharded (distributed) checkpoint
+    else:
+        assert int(result["meta"]["dtensor_params"]) == 0
