@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -336,6 +337,8 @@ def test_output_is_the_first_in_channels_of_the_learn_sigma_head():
     patches = full["tokens"].reshape(4, 4, 4, 2, 2, 8)
     image = patches.permute(0, 5, 1, 3, 2, 4).reshape(4, 8, 8, 8)
     assert torch.equal(out, image[:, :4])
+    assert not out._is_view()  # FSDP2 cannot hook a returned view safely
+    assert torch.equal(model.unpatchify(full["tokens"]), image)
     assert not torch.equal(image[:, 4:], image[:, :4])
     no_sigma = tiny_random(learn_sigma=False)
     assert no_sigma.final_layer.linear.out_features == 2 * 2 * 4
@@ -506,3 +509,32 @@ def test_compile_fullgraph_matches_eager_forward_and_backward():
     model.eval()
     with torch.no_grad():
         assert rel_err(compiled(x, t, y), model(x, t, y)) < 1e-5
+
+
+def test_fsdp2_per_block_sharding_gives_the_same_grads(tmp_path):
+    # One gloo process: proves fully_shard(block) / fully_shard(model) accepts the layout (frozen
+    # pos_embed next to trainable weights) and that the module output is safe to hook (not a view).
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    x, t, y = tiny_inputs()
+    mask = torch.tensor([True, False, False, True])
+    loss, grads = loss_and_grads(tiny_random().train(), x, t, y, mask)
+    model = tiny_random().train()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loss_sharded = model(x, t, y, drop_labels=mask).square().mean()
+        loss_sharded.backward()
+        sharded = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
+    finally:
+        dist.destroy_process_group()
+    assert not [w for w in caught if "view" in str(w.message)]
+    assert torch.allclose(loss_sharded.detach(), loss, rtol=1e-6, atol=0)
+    assert sharded.keys() == grads.keys()
+    for name in grads:
+        assert rel_err(sharded[name], grads[name]) < 1e-6, name

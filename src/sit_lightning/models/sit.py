@@ -459,16 +459,19 @@ class SiT(nn.Module):
         for block in self.blocks:
             h = checkpoint(block, h, c, use_reentrant=False) if use_checkpoint else block(h, c)
         h = self.final_layer(h, c)  # (N, T, p * p * out_channels)
-        out = self.unpatchify(h)  # (N, out_channels, H, W)
-        return out[:, : self.in_channels]  # drop the unused learn_sigma half
+        return self.unpatchify(h, self.in_channels)  # (N, C, H, W): the learn_sigma half is dropped
 
-    def unpatchify(self, tokens: Tensor) -> Tensor:
-        """(N, T, p * p * c) -> (N, c, H, W); each token holds its patch as (row, column, channel)."""
+    def unpatchify(self, tokens: Tensor, channels: int | None = None) -> Tensor:
+        """(N, T, p * p * c) -> (N, channels, H, W), keeping the first ``channels`` of c (default all).
+
+        Each token holds its patch as (row, column, channel). The result is a fresh tensor, not a
+        view of ``tokens`` (FSDP2 warns about a module that returns a view).
+        """
         n, p, g = tokens.shape[0], self.patch_size, self.grid_size
         c = tokens.shape[-1] // (p * p)
-        x = tokens.reshape(n, g, g, p, p, c)
+        x = tokens.reshape(n, g, g, p, p, c)[..., : c if channels is None else channels]
         x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(n, c, g * p, g * p)
+        return x.reshape(n, x.shape[1], g * p, g * p)
 
     # -- cost ----------------------------------------------------------------------------------------
     def flops_per_sample(self) -> int:
