@@ -23,11 +23,18 @@ class KeyRecorder(pl.LightningModule):
         super().__init__()
         self.layer = torch.nn.Linear(64, 10)
         self.keys: list[list[int]] = []
+        self.val_keys: list[list[int]] = []
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         self.keys.append(batch["key"].tolist())
         logits = self.layer(batch["x"].flatten(1))
         return torch.nn.functional.cross_entropy(logits, batch["y"])
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.val_keys.append(batch["key"].tolist())
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["val_keys"] = list(self.val_keys)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -44,7 +51,10 @@ def _trainer(root: Path, callbacks: list | None = None) -> pl.Trainer:
         enable_checkpointing=bool(callbacks),
         callbacks=callbacks or [],
         default_root_dir=root,
-        limit_val_batches=0,
+        # validation batches also pass the datamodule's batch hook: they must not move the train position
+        val_check_interval=2,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
     )
 
 
@@ -54,10 +64,14 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[list[i
     checkpoints = ModelCheckpoint(
         dirpath=root / "ckpt", every_n_train_steps=1, save_top_k=-1, filename="{step}"
     )
+    # the default trigger with mid-epoch validation: a checkpoint after each validation
+    after_val = ModelCheckpoint(dirpath=root / "ckpt", save_top_k=-1, filename="{step}-val")
     model = KeyRecorder()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _trainer(root, [checkpoints]).fit(model, datamodule=DigitsDataModule(global_batch_size=GLOBAL_BATCH))
+        _trainer(root, [checkpoints, after_val]).fit(
+            model, datamodule=DigitsDataModule(global_batch_size=GLOBAL_BATCH)
+        )
     return model.keys, root / "ckpt"
 
 
@@ -69,9 +83,19 @@ def test_uninterrupted_stream_covers_each_epoch_once(uninterrupted: tuple[list[l
     assert flat == list(range(TOTAL_STEPS * GLOBAL_BATCH))
 
 
-@pytest.mark.parametrize("resume_step", [3, 5], ids=["mid-epoch", "epoch-end"])
+def test_validation_ran_with_fixed_keys(uninterrupted: tuple[list[list[int]], Path]) -> None:
+    _, ckpt_dir = uninterrupted
+    val_keys = torch.load(ckpt_dir / "step=8.ckpt", weights_only=False)["val_keys"]
+    assert len(val_keys) >= 3 and all(k == list(range(GLOBAL_BATCH)) for k in val_keys)
+
+
+@pytest.mark.parametrize(
+    ("resume_step", "suffix"),
+    [(3, ""), (5, ""), (4, "-val")],
+    ids=["mid-epoch", "epoch-end", "after-validation"],
+)
 def test_resume_sees_exactly_the_remaining_keys(
-    uninterrupted: tuple[list[list[int]], Path], resume_step: int, tmp_path: Path
+    uninterrupted: tuple[list[list[int]], Path], resume_step: int, suffix: str, tmp_path: Path
 ) -> None:
     keys, ckpt_dir = uninterrupted
     model = KeyRecorder()
@@ -79,7 +103,9 @@ def test_resume_sees_exactly_the_remaining_keys(
     datamodule = DigitsDataModule(global_batch_size=GLOBAL_BATCH, num_workers=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _trainer(tmp_path).fit(model, datamodule=datamodule, ckpt_path=ckpt_dir / f"step={resume_step}.ckpt")
+        _trainer(tmp_path).fit(
+            model, datamodule=datamodule, ckpt_path=ckpt_dir / f"step={resume_step}{suffix}.ckpt"
+        )
     assert model.keys == keys[resume_step:]
     assert datamodule.consumed_steps == TOTAL_STEPS
 

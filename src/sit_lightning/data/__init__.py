@@ -3,24 +3,40 @@ and ``precompute-latents`` (ImageFolder -> VAE posterior moments -> shards).
 
 Batch contract of both datamodules: ``{"x": (b, C, H, W) float32, "y": (b,) int64, "key": (b,) int64}``
 with ``b = global_batch_size / world_size`` and ``key`` the sample's position in the run's sample stream.
+
+Names are imported on first access, so ``sit_lightning.data.shards`` and the encoding processes of
+``precompute-latents`` do not import Lightning.
 """
 
-from sit_lightning.data.digits import DigitsDataModule, LabelledImages
-from sit_lightning.data.latent_datamodule import LatentDataModule
-from sit_lightning.data.precompute import precompute_latents, precompute_latents_main
-from sit_lightning.data.sampler import GlobalBatchSampler, per_device_batch_size
-from sit_lightning.data.shards import SD_VAE_SCALE, LatentShards, LatentShardWriter, validate_shards
+from __future__ import annotations
 
-__all__ = [
-    "SD_VAE_SCALE",
-    "DigitsDataModule",
-    "GlobalBatchSampler",
-    "LabelledImages",
-    "LatentDataModule",
-    "LatentShardWriter",
-    "LatentShards",
-    "per_device_batch_size",
-    "precompute_latents",
-    "precompute_latents_main",
-    "validate_shards",
-]
+import importlib
+from typing import Any
+
+_LAZY = {
+    "SD_VAE_SCALE": "sit_lightning.data.shards",
+    "LatentShards": "sit_lightning.data.shards",
+    "LatentShardWriter": "sit_lightning.data.shards",
+    "validate_shards": "sit_lightning.data.shards",
+    "GlobalBatchSampler": "sit_lightning.data.sampler",
+    "per_device_batch_size": "sit_lightning.data.sampler",
+    "LatentDataModule": "sit_lightning.data.latent_datamodule",
+    "DigitsDataModule": "sit_lightning.data.digits",
+    "LabelledImages": "sit_lightning.data.digits",
+    "precompute_latents": "sit_lightning.data.precompute",
+    "precompute_latents_main": "sit_lightning.data.precompute",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'sit_lightning.data' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

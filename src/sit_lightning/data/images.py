@@ -34,6 +34,7 @@ UINT8_MAX = 255.0
 class ImageFolderScan:
     """Sorted class names (label ``i`` = ``class_names[i]``) and ``(path, label)`` per image, in a fixed order."""
 
+    root: Path
     class_names: list[str]
     paths: list[Path]
     labels: list[int]
@@ -70,7 +71,7 @@ def scan_image_folder(root: str | os.PathLike) -> ImageFolderScan:
         found.sort()
         paths += found
         labels += [label] * len(found)
-    return ImageFolderScan(class_names, paths, labels)
+    return ImageFolderScan(root, class_names, paths, labels)
 
 
 def center_crop_arr(image: Image.Image, image_size: int) -> Image.Image:
@@ -93,7 +94,7 @@ def center_crop_arr(image: Image.Image, image_size: int) -> Image.Image:
 def load_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
     """Read an image as RGB (ImageFolder's loader) and centre-crop it: ``(size, size, 3)`` uint8."""
     with Image.open(path) as image:
-        return np.asarray(center_crop_arr(image.convert("RGB"), image_size))
+        return np.array(center_crop_arr(image.convert("RGB"), image_size))  # a writable copy
 
 
 def to_model_input(images: np.ndarray | Tensor) -> Tensor:

@@ -10,8 +10,11 @@ Interrupted runs resume: each part keeps its complete shards and encodes only th
 
 from __future__ import annotations
 
+import hashlib
 import json
+import multiprocessing as mp
 import shutil
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -40,8 +43,9 @@ __all__ = ["PrecomputeResult", "precompute_latents", "precompute_latents_main"]
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"  # the released SiT training default (--vae ema)
 PLAN_FILE = "precompute.json"  # what a resumed run must agree with
 PART_PREFIX = "part-"
+SUBCOMMAND = "precompute-latents"
 
-Devices = int | Literal["auto", "cpu"]
+Devices = int | Literal["auto", "cpu"] | list[str]
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,10 @@ class _CroppedImages(Dataset):
 def _resolve_devices(devices: Devices) -> list[str]:
     if devices == "cpu":
         return ["cpu"]
+    if isinstance(devices, list):
+        if not devices or not all(isinstance(d, str) and d.split(":")[0] in ("cpu", "cuda") for d in devices):
+            raise ValueError(f"devices={devices!r}: a list must name torch devices such as 'cuda:0' or 'cpu'")
+        return list(devices)
     available = torch.cuda.device_count()
     if devices == "auto":
         return [f"cuda:{i}" for i in range(available)] or ["cpu"]
@@ -166,7 +174,11 @@ def _spawned_worker(rank: int, jobs: list[_PartJob]) -> None:
 
 def _plan(scan: ImageFolderScan, settings: dict[str, Any], output: Path, overwrite: bool) -> dict[str, Any]:
     """Write or check the run plan: a resumed run must see the same images and settings."""
-    plan = {"count": len(scan), "class_names": scan.class_names, **settings}
+    listing = "\n".join(
+        f"{p.relative_to(scan.root)}\t{label}" for p, label in zip(scan.paths, scan.labels, strict=True)
+    )
+    files_sha256 = hashlib.sha256(listing.encode()).hexdigest()
+    plan = {"count": len(scan), "class_names": scan.class_names, "files_sha256": files_sha256, **settings}
     path = output / PLAN_FILE
     if path.exists() and not overwrite:
         previous = json.loads(path.read_text())
@@ -216,7 +228,7 @@ def precompute_latents(
         batch_size: images per encoder call per process (each is encoded plain and flipped).
         shard_size: images per shard file.
         devices: ``"auto"`` = every visible GPU (one process each) or the CPU without one; an int = the
-            first n GPUs; ``"cpu"``.
+            first n GPUs; ``"cpu"``; or a list of torch devices, one process each (``["cuda:0", "cuda:2"]``).
         num_workers: image-decoding worker processes per encoding process.
         normalization: what training applies: ``"scale"`` (``z * scale_factor``) or ``"channel"``
             (per-channel standardisation with the statistics measured here).
@@ -269,7 +281,12 @@ def precompute_latents(
     if num_parts == 1:
         _spawned_worker(0, jobs)
     else:
-        torch.multiprocessing.spawn(_spawned_worker, args=(jobs,), nprocs=num_parts, join=True)
+        # CUDA cannot be used in a forked child; CPU-only processes fork, which skips re-importing torch
+        cpu_only = all(d.startswith("cpu") for d in device_list)
+        start_method = "fork" if cpu_only and "fork" in mp.get_all_start_methods() else "spawn"
+        torch.multiprocessing.start_processes(
+            _spawned_worker, args=(jobs,), nprocs=num_parts, join=True, start_method=start_method
+        )
 
     # merge, then read everything back and record the statistics (channel normalisation needs them)
     merge_shard_parts(output, part_dirs, normalization="scale")
@@ -311,12 +328,16 @@ def _complete_images(part_dir: Path, shard_size: int) -> int:
 def precompute_latents_main(argv: list[str] | None = None) -> int:
     """Command-line entry: ``sit-lightning precompute-latents IMAGE_ROOT OUTPUT_DIR [--vae ...]``.
 
-    ``argv`` holds the arguments after the subcommand name (``None``: ``sys.argv[2:]`` is not assumed;
-    jsonargparse reads ``sys.argv[1:]``). Options are the keyword arguments of :func:`precompute_latents`
+    ``argv`` holds the arguments after the subcommand name; ``None`` reads ``sys.argv[1:]`` without a
+    leading ``precompute-latents``. Options are the keyword arguments of :func:`precompute_latents`
     (``--help`` prints their documentation); a typo in a ``Literal`` choice fails at parse time.
     """
     from jsonargparse import auto_cli
 
-    result = auto_cli(precompute_latents, args=argv)
+    if argv is None:
+        argv = sys.argv[1:]
+        if argv[:1] == [SUBCOMMAND]:
+            argv = argv[1:]
+    result = auto_cli(precompute_latents, args=argv, prog=f"sit-lightning {SUBCOMMAND}")
     print(json.dumps(asdict(result), indent=1))
     return 0
