@@ -40,6 +40,14 @@ class KeyRecorder(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+class EpochEndCheckpoint(ModelCheckpoint):
+    """A third checkpoint trigger: Lightning needs a distinct state key per ModelCheckpoint."""
+
+    @property
+    def state_key(self) -> str:
+        return "epoch-end-" + super().state_key
+
+
 def _trainer(root: Path, callbacks: list | None = None) -> pl.Trainer:
     return pl.Trainer(
         max_steps=TOTAL_STEPS,
@@ -66,10 +74,13 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[list[i
     )
     # the default trigger with mid-epoch validation: a checkpoint after each validation
     after_val = ModelCheckpoint(dirpath=root / "ckpt", save_top_k=-1, filename="{step}-val")
+    epoch_end = EpochEndCheckpoint(
+        dirpath=root / "ckpt", save_top_k=-1, filename="{step}-epoch", save_on_train_epoch_end=True
+    )
     model = KeyRecorder()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _trainer(root, [checkpoints, after_val]).fit(
+        _trainer(root, [checkpoints, after_val, epoch_end]).fit(
             model, datamodule=DigitsDataModule(global_batch_size=GLOBAL_BATCH)
         )
     return model.keys, root / "ckpt"
@@ -91,8 +102,8 @@ def test_validation_ran_with_fixed_keys(uninterrupted: tuple[list[list[int]], Pa
 
 @pytest.mark.parametrize(
     ("resume_step", "suffix"),
-    [(3, ""), (5, ""), (4, "-val")],
-    ids=["mid-epoch", "epoch-end", "after-validation"],
+    [(3, ""), (5, ""), (4, "-val"), (5, "-epoch")],
+    ids=["mid-epoch", "last-batch-of-epoch", "after-validation", "on-train-epoch-end"],
 )
 def test_resume_sees_exactly_the_remaining_keys(
     uninterrupted: tuple[list[list[int]], Path], resume_step: int, suffix: str, tmp_path: Path

@@ -64,8 +64,8 @@ class DigitsDataModule(SampleStreamDataModule):
         split_seed: seed of the stratified train/test split (fixed separately so that changing
             ``seed`` keeps the test set).
         test_size: images held out for validation and evaluation.
-        val_global_batch_size: validation batch over all devices (default: ``global_batch_size``,
-            capped at the test-set size rounded down to a multiple of the world size).
+        val_global_batch_size: validation batch over all devices (default: ``global_batch_size``;
+            a test split smaller than one batch is evaluated as one batch of what divides by the ranks).
         pin_memory: pin host memory.
     """
 
@@ -114,11 +114,3 @@ class DigitsDataModule(SampleStreamDataModule):
 
     def val_source(self) -> DigitsSource:
         return DigitsSource(self.test_images())
-
-    def val_dataloader(self):  # noqa: ANN201 - same type as the base
-        # the test split (297) is smaller than the default global batch of the demo; cap the batch so
-        # validation sees one whole batch instead of failing
-        if self.val_global_batch_size > self.test_size:
-            world = self._rank_world()[1]
-            self.val_global_batch_size = (self.test_size // world) * world
-        return super().val_dataloader()

@@ -102,7 +102,8 @@ class LatentDataModule(SampleStreamDataModule):
         val_fraction: hold out this fraction of ``data_dir`` (a fixed random subset keyed by ``seed``)
             for validation when ``val_dir`` is not given; 0 disables validation.
         val_global_batch_size: validation batch over all devices (default: ``global_batch_size``); the
-            remainder that does not fill a whole batch is not evaluated.
+            remainder that does not fill a whole batch is not evaluated (a split smaller than one batch
+            is evaluated as one batch of what divides by the ranks).
         pin_memory: pin host memory for faster host-to-GPU copies.
     """
 

@@ -317,13 +317,16 @@ class SampleStreamDataModule(pl.LightningDataModule):
         if source is None:
             return []
         rank, world = self._rank_world()
+        batch = self.val_global_batch_size
+        if len(source) < batch:
+            # a validation split smaller than one batch: evaluate one whole batch of what divides by the ranks
+            batch = (len(source) // world) * world
+            if batch == 0:
+                raise ValueError(
+                    f"the validation split has {len(source)} samples, fewer than the {world} ranks"
+                )
         sampler = GlobalBatchSampler(
-            len(source),
-            self.val_global_batch_size,
-            rank=rank,
-            world_size=world,
-            seed=self.seed,
-            shuffle=False,
+            len(source), batch, rank=rank, world_size=world, seed=self.seed, shuffle=False
         )
         stream = GlobalBatchStream(source, sampler, 0, sampler.steps_per_epoch)
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
