@@ -35,6 +35,11 @@ _PRECOMPUTE_HELP = (
 class SiTLightningCLI(LightningCLI):
     """LightningCLI whose ``--help`` also lists ``precompute-latents`` (run by :func:`main`)."""
 
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # The module's default objective (None -> TrainingObjective()) spelled out, so that --print_config
+        # shows the path, prediction, weighting and time sampler in full.
+        parser.set_defaults({"model.objective": {"class_path": "sit_lightning.objective.TrainingObjective"}})
+
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
         super()._add_subcommands(parser, **kwargs)
         subcommands = getattr(parser, "_subcommands_action", None)

@@ -1,0 +1,147 @@
+"""The ``sit-lightning`` CLI: every config parses to what its name says, typos fail with the choices,
+data that does not fit fails with one line, and the digits demo trains through ``main()``."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from pathlib import Path
+
+import torch
+import yaml
+
+from sit_lightning.cli import main
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+PAPER_CONFIG = re.compile(
+    r"sit_(s|b|l|xl)_(linear|gvp|vp)(_512|_score|_score_lambda|_score_likelihood|_noise)?\.yaml"
+)
+ARCH = {"s": "SiT-S/2", "b": "SiT-B/2", "l": "SiT-L/2", "xl": "SiT-XL/2"}
+WEIGHT = {"_score_lambda": "velocity", "_score_likelihood": "likelihood"}
+
+
+def _run(args: list[str]) -> tuple[int, str, str]:
+    """``main(args)`` -> (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(args)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    return code, out.getvalue(), err.getvalue()
+
+
+def _resolved(config: Path, *extra: str) -> dict:
+    code, out, err = _run(["fit", "--config", str(config), *extra, "--print_config"])
+    assert code == 0, err[-2000:]
+    return yaml.safe_load(out)
+
+
+def test_every_config_parses_and_matches_its_name() -> None:
+    names = sorted(p.name for p in CONFIGS.glob("*.yaml"))
+    assert {"digits.yaml", "sit_b_gvp.yaml", "sit_xl_linear_512.yaml", "sit_b_vp_noise.yaml"} <= set(names)
+    for name in names:
+        if name == "strategy_fsdp2.yaml":  # an overlay: parse it on top of a model config
+            config = _resolved(CONFIGS / "sit_xl_linear.yaml", "--config", str(CONFIGS / name))
+            assert config["trainer"]["strategy"]["class_path"].endswith("ModelParallelStrategy")
+            continue
+        config = _resolved(CONFIGS / name)
+        match = PAPER_CONFIG.fullmatch(name)
+        if match is None:
+            assert name == "digits.yaml", f"unexpected config {name}"
+            assert config["data"]["class_path"] == "sit_lightning.data.DigitsDataModule"
+            assert config["model"]["in_channels"] == 1 and config["model"]["input_size"] == 8
+            continue
+        size, path, variant = match.group(1), match.group(2), match.group(3) or ""
+        objective = config["model"]["objective"]["init_args"]
+        assert config["model"]["arch"] == ARCH[size], name
+        assert objective["path"] == path, name
+        assert objective["prediction"] == (
+            "noise" if variant == "_noise" else "score" if "score" in variant else "velocity"
+        )
+        assert objective["loss_weight"] == WEIGHT.get(variant, "none"), name
+        assert config["model"]["input_size"] == (64 if variant == "_512" else 32), name
+        assert config["data"]["init_args"]["global_batch_size"] == 256, name
+        assert config["trainer"]["precision"] == "bf16-mixed", name
+        ema = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("EMACallback")]
+        assert ema and ema[0]["init_args"]["decay"] == 0.9999, name
+
+
+def test_print_config_shows_the_full_resolved_configuration() -> None:
+    config = _resolved(CONFIGS / "sit_b_gvp.yaml")
+    model = config["model"]
+    assert model["optimizer"] == {
+        "class_path": "sit_lightning.module.PaperAdamW",
+        "init_args": {"lr": 1e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0, "fused": None},
+    }
+    assert model["lr_scheduler"] is None  # constant learning rate
+    assert (model["class_dropout_prob"], model["learn_sigma"], model["num_classes"]) == (0.1, True, 1000)
+    assert model["objective"]["init_args"]["time_sampler"] is None  # uniform
+    assert config["seed_everything"] == 0
+    assert config["trainer"]["max_steps"] == 400_000
+    assert config["data"]["init_args"]["data_dir"] == "data/imagenet256_latents"
+    assert "num_workers" in config["data"]["init_args"]  # defaults of the datamodule are listed too
+
+
+def test_typos_fail_at_parse_time_listing_the_choices(tmp_path) -> None:
+    code, _, err = _run(["fit", "--config", str(CONFIGS / "sit_b_gvp.yaml"), "--model.arch", "SiT-M/2"])
+    assert code != 0 and "SiT-XL/2" in err and "SiT-M/2" in err
+    code, _, err = _run(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "sit_b_gvp.yaml"),
+            "--model.objective.init_args.prediction",
+            "velocty",
+        ]
+    )
+    assert code != 0 and all(choice in err for choice in ("velocity", "score", "noise"))
+    typo = tmp_path / "typo.yaml"
+    typo.write_text((CONFIGS / "sit_b_gvp.yaml").read_text().replace("  arch:", "  archh:"))
+    code, _, err = _run(["fit", "--config", str(typo), "--print_config"])
+    assert code != 0 and "archh" in err
+
+
+def test_help_lists_every_subcommand() -> None:
+    code, out, _ = _run(["--help"])
+    assert code == 0
+    for sub in ("fit", "validate", "test", "predict", "precompute-latents"):
+        assert sub in out
+    code, out, _ = _run(["precompute-latents", "--help"])
+    assert code == 0 and "image_root" in out and "output_dir" in out
+
+
+def test_data_that_does_not_fit_the_model_is_a_one_line_error(tmp_path) -> None:
+    code, _, err = _run(
+        ["fit", "--config", str(CONFIGS / "digits.yaml"), "--model.input_size", "16",
+         "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"]
+    )  # fmt: skip
+    assert code == 2
+    assert "sit-lightning: error: the data's latent shape (1, 8, 8) does not fit the model" in err
+    assert "Traceback" not in err
+
+
+def test_digits_demo_trains_a_few_steps_through_main(tmp_path) -> None:
+    """fit 3 steps with a validation at step 3 and a checkpoint, then validate from that checkpoint."""
+    args = [
+        "--config", str(CONFIGS / "digits.yaml"), "--trainer.max_steps", "3", "--trainer.val_check_interval", "3",
+        "--trainer.check_val_every_n_epoch", "1",
+        "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0",
+        "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
+        "--trainer.enable_progress_bar", "false",
+    ]  # fmt: skip
+    code, _, err = _run(["fit", *args])
+    assert code == 0, err[-3000:]
+    checkpoints = sorted(tmp_path.rglob("*.ckpt"))
+    assert checkpoints, f"no checkpoint under {tmp_path}"
+    checkpoint = torch.load(checkpoints[-1], weights_only=False)
+    assert checkpoint["global_step"] == 3
+    assert checkpoint["loss_profile"]["values"].shape == (20,)
+    assert torch.isfinite(checkpoint["loss_profile"]["values"]).all()
+    ema_state = next(v for k, v in checkpoint["callbacks"].items() if "EMACallback" in k)
+    assert ema_state["num_updates"] == 3
+    assert ema_state["ema"].keys() == {k for k in checkpoint["state_dict"]}
+    code, _, err = _run(["validate", *args, "--ckpt_path", str(checkpoints[-1])])
+    assert code == 0, err[-3000:]
