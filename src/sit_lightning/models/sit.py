@@ -354,7 +354,19 @@ class SiT(nn.Module):
     @classmethod
     def from_preset(cls, name: str, **kwargs: Any) -> SiT:
         """Build a named preset (``"SiT-XL/2"`` ...); ``kwargs`` go to :class:`SiT`. See :func:`build_sit`."""
-        return build_sit(name, **kwargs)
+        config = _preset(name)
+        clash = sorted(set(kwargs) & set(SiTConfig.__dataclass_fields__))
+        if clash:
+            raise ValueError(
+                f"{name} fixes {', '.join(clash)}; build SiT(...) directly for a custom architecture"
+            )
+        return cls(
+            depth=config.depth,
+            hidden_size=config.hidden_size,
+            num_heads=config.num_heads,
+            patch_size=config.patch_size,
+            **kwargs,
+        )
 
     @property
     def has_null_class(self) -> bool:
@@ -526,19 +538,7 @@ def build_sit(name: str, **kwargs: Any) -> SiT:
     Raises:
         ValueError: unknown name (the message lists the presets) or a kwarg that overrides a preset field.
     """
-    config = _preset(name)
-    clash = sorted(set(kwargs) & set(SiTConfig.__dataclass_fields__))
-    if clash:
-        raise ValueError(
-            f"{name} fixes {', '.join(clash)}; build SiT(...) directly for a custom architecture"
-        )
-    return SiT(
-        depth=config.depth,
-        hidden_size=config.hidden_size,
-        num_heads=config.num_heads,
-        patch_size=config.patch_size,
-        **kwargs,
-    )
+    return SiT.from_preset(name, **kwargs)
 
 
 #: Released-style table of constructors: ``SiT_models["SiT-XL/2"](input_size=32, num_classes=1000)``.
