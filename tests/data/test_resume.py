@@ -124,8 +124,7 @@ def test_resume_sees_exactly_the_remaining_keys(
 def test_checkpoint_holds_the_consumed_position(uninterrupted: tuple[list[list[int]], Path]) -> None:
     _, ckpt_dir = uninterrupted
     checkpoint = torch.load(ckpt_dir / "step=3.ckpt", weights_only=False)
-    assert checkpoint["DigitsDataModule"]["next_step"] == 3
+    state = {"version": 1, "next_step": 3, "num_samples": 1500, "global_batch_size": GLOBAL_BATCH}
+    assert checkpoint["DigitsDataModule"] == state
     # the fit loop also saves the train loader's state (Lightning's resumable-loader protocol)
-    assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
-        {"version": 1, "next_step": 3}
-    ]
+    assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [state]

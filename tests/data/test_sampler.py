@@ -128,3 +128,20 @@ def test_resumable_loader_continues_where_consumption_stopped() -> None:
     assert keys[0][0].item() == sampler.samples_per_epoch + G
     with pytest.raises(ValueError, match="state version"):
         restored.load_state_dict({"next_step": 3})
+
+
+def test_resume_with_another_batch_size_starts_the_next_epoch() -> None:
+    old = GlobalBatchSampler(N, G)  # 8 steps per epoch
+    saved = StreamPosition()
+    saved.bind(old)
+    saved.next_step = 11  # epoch 1, 3 steps in
+    new = GlobalBatchSampler(N, 24)  # 4 steps per epoch
+    restored = StreamPosition()
+    restored.load_state_dict(saved.state_dict())  # before the loader exists, as Lightning does
+    with pytest.warns(UserWarning, match="resumes at the start of epoch 2"):
+        restored.bind(new)
+    assert restored.next_step == 8 and new.keys(restored.next_step)[0] == 2 * new.samples_per_epoch
+    same = StreamPosition()
+    same.load_state_dict(saved.state_dict())
+    same.bind(GlobalBatchSampler(N, G, rank=1, world_size=4))  # another world size continues exactly
+    assert same.next_step == 11

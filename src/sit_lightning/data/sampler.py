@@ -27,6 +27,7 @@ from typing import Any, NamedTuple, Protocol
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -190,18 +191,41 @@ class GlobalBatchStream(IterableDataset):
 
 
 class StreamPosition:
-    """The first global step the training loop has not consumed yet (saved in checkpoints)."""
+    """The first global step the training loop has not consumed yet (saved in checkpoints).
+
+    The state also records the stream's data-set size and global batch size. A checkpoint from a stream
+    with other values (another batch size or data set) cannot continue mid-epoch: the position moves to
+    the start of the next epoch, with a warning. A different world size or worker count needs nothing:
+    the stream does not depend on them.
+    """
 
     def __init__(self) -> None:
         self.next_step = 0
+        self._stream: tuple[int, int] | None = None  # (num_samples, global_batch_size) of the bound sampler
+        self._pending: dict[str, Any] | None = None  # loaded before the sampler was known
+
+    def bind(self, sampler: GlobalBatchSampler) -> None:
+        """Attach the stream this position counts in (resolves a state loaded before)."""
+        self._stream = (sampler.num_samples, sampler.global_batch_size)
+        if self._pending is not None:
+            state, self._pending = self._pending, None
+            self.load_state_dict(state)
 
     def observe(self, keys: Tensor, sampler: GlobalBatchSampler) -> None:
         """Record that the training loop took the batch with ``keys`` (any rank's share)."""
         if keys.numel():
             self.next_step = sampler.step_of_key(int(keys.reshape(-1)[-1])) + 1
 
-    def state_dict(self) -> dict[str, int]:
-        return {"version": _POSITION_STATE_VERSION, "next_step": self.next_step}
+    def state_dict(self) -> dict[str, Any]:
+        if self._pending is not None:  # saved again before any loader was built: keep it as loaded
+            return dict(self._pending)
+        num_samples, global_batch_size = self._stream or (None, None)
+        return {
+            "version": _POSITION_STATE_VERSION,
+            "next_step": self.next_step,
+            "num_samples": num_samples,
+            "global_batch_size": global_batch_size,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != _POSITION_STATE_VERSION:
@@ -209,7 +233,23 @@ class StreamPosition:
                 f"data stream state version {state.get('version')!r} is not the supported "
                 f"{_POSITION_STATE_VERSION}; the checkpoint comes from another sit-lightning data layer"
             )
-        self.next_step = int(state["next_step"])
+        if self._stream is None:
+            self._pending = dict(state)
+            return
+        saved = (state.get("num_samples"), state.get("global_batch_size"))
+        next_step = int(state["next_step"])
+        if saved == self._stream or saved == (None, None):
+            self.next_step = next_step
+            return
+        old_steps_per_epoch = saved[0] // saved[1]
+        epoch, within = divmod(next_step, old_steps_per_epoch)
+        new_epoch = epoch + (1 if within else 0)
+        self.next_step = new_epoch * (self._stream[0] // self._stream[1])
+        rank_zero_warn(
+            f"the checkpoint's data stream had {saved[0]} samples in global batches of {saved[1]}, this run "
+            f"has {self._stream[0]} in batches of {self._stream[1]}: the sample stream cannot continue "
+            f"exactly, so training resumes at the start of epoch {new_epoch}"
+        )
 
 
 class ResumableLoader(DataLoader):
@@ -228,6 +268,7 @@ class ResumableLoader(DataLoader):
             stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False
         )
         self.position = position
+        position.bind(stream.sampler)
 
     def __iter__(self) -> Iterator[Any]:
         stream: GlobalBatchStream = self.dataset  # type: ignore[assignment]
@@ -241,10 +282,11 @@ class ResumableLoader(DataLoader):
         # (a loader used outside its datamodule); with the hook this sets the value it already holds
         self.position.next_step = max(self.position.next_step, stop)
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, Any]:
         return self.position.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.position.bind(self.dataset.sampler)  # type: ignore[attr-defined]
         self.position.load_state_dict(state)
 
 
@@ -306,6 +348,7 @@ class SampleStreamDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> ResumableLoader:
         sampler = self.train_sampler()
         self._train_sampler = sampler
+        self._position.bind(sampler)
         start = self._position.next_step
         stream = GlobalBatchStream(self.train_source(), sampler, start, sampler.epoch_end(start))
         return ResumableLoader(
