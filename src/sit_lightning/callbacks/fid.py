@@ -1,0 +1,309 @@
+"""Periodic FID (torchmetrics) and conditional accuracy of EMA samples; the digits demo's final report.
+
+Every ``every_n_steps`` optimizer steps and at the end of fit, the callback draws ``num_samples``
+samples with the EMA weights (sample ``i``: keyed noise of index ``i``, label ``i % num_classes`` or a
+keyed uniform label), decodes them, and logs for each guidance scale in ``cfg_scales``
+
+- ``fid/cfg<scale>``: FID against the reference statistics (computed once from real data and cached
+  under ``cache_dir``, keyed by data set and extractor);
+- ``fid/cond_acc/cfg<scale>``: conditional accuracy, the share of samples that the judge classifier
+  assigns to the class they were generated for (with ``feature="digits"``).
+
+With ``feature="digits"`` the extractor and judge is a small classifier trained on the data module's
+TRAIN split (:mod:`sit_lightning.evaluation.digits_classifier`) and the reference set is the TEST
+split; the FID of the train split against the test split is reported beside it as the floor (what
+real digits score). With ``feature="inception"`` (the ImageNet FID; needs ``.[fid]``) or a custom
+module, give ``reference_stats`` (a ``.pt`` from :func:`~sit_lightning.evaluation.fid.save_statistics`
+or an ADM ``.npz``), or a data module with ``test_images()``.
+
+Under DDP each rank generates its interleaved share of the indices; torchmetrics sums the FID
+states over ranks and the accuracy counts are summed by the strategy.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from ..evaluation.digits_classifier import DigitsClassifier, DigitsFeatures, load_or_train_digits_classifier
+from ..evaluation.fid import FIDScorer, frechet_distance, load_statistics
+from ..evaluation.images import LatentDecoder, make_decoder
+from ..evaluation.sample_plan import LabelMode, generate, rank_share, sample_labels
+from .sample_grid import SampleGridCallback, log_dir_of
+
+__all__ = ["FIDCallback", "SampleQuality", "conditional_accuracy"]
+
+
+class SampleQuality(NamedTuple):
+    """Scores of one set of generated samples.
+
+    Attributes:
+        cfg_scale: guidance scale used (1 = none).
+        fid: FID against the reference statistics.
+        conditional_accuracy: share of samples classified as their label (None without a judge).
+        num_samples: samples scored.
+        seconds: wall time of generation and scoring.
+    """
+
+    cfg_scale: float
+    fid: float
+    conditional_accuracy: float | None
+    num_samples: int
+    seconds: float
+
+
+@torch.no_grad()
+def conditional_accuracy(
+    classifier: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 1000
+) -> float:
+    """Share of ``images`` that ``classifier`` (``images -> logits``) assigns to ``labels``."""
+    correct = sum(
+        int((classifier(x).argmax(dim=1) == y.to(x.device)).sum())
+        for x, y in zip(images.split(batch_size), labels.split(batch_size), strict=True)
+    )
+    return correct / max(len(labels), 1)
+
+
+class FIDCallback(Callback):
+    """FID and conditional accuracy of EMA samples, periodically and at the end of fit.
+
+    Args:
+        every_n_steps: period in optimizer steps; 0 evaluates only at the end of fit.
+        num_samples: samples per evaluation (2,000 = 200 per class for the digits demo).
+        labels: ``balanced`` (label ``i % num_classes``) or ``uniform`` (keyed draw).
+        seed: seed of the keyed noise and labels (fixed: every evaluation uses the same noise).
+        sampler: ``ode`` or ``sde``.
+        steps: sampler steps.
+        method: sampler method (None: the sampler's default).
+        cfg_scales: guidance scales to evaluate; 1.0 is no guidance.
+        batch_size: samples per sampler call (results do not depend on it).
+        feature: ``digits`` (classifier trained on the train split; also gives conditional
+            accuracy), ``inception`` (needs ``.[fid]``) or an ``nn.Module`` with ``num_features``.
+        reference_stats: file of reference statistics; default: computed from the data module's
+            ``test_images()`` and cached.
+        floor: also report the FID of the data module's ``train_images()`` against the reference.
+        cache_dir: where the classifier and reference statistics are cached; default
+            ``<default_root_dir>/eval_cache``.
+        decoder: None for pixel data; a diffusers ``AutoencoderKL`` path/hub id for latents.
+        latent_scale: scale factor of stored latents (VAE decoding only).
+        use_ema: sample with the EMA weights.
+        report: print a summary (log dir, sample grid, scores, wall time) at the end of fit.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 0,
+        num_samples: int = 2000,
+        labels: LabelMode = "balanced",
+        seed: int = 0,
+        sampler: Literal["ode", "sde"] = "ode",
+        steps: int = 50,
+        method: str | None = None,
+        cfg_scales: list[float] | None = None,
+        batch_size: int = 500,
+        feature: Literal["digits", "inception"] | nn.Module = "digits",
+        reference_stats: str | None = None,
+        floor: bool = True,
+        cache_dir: str | None = None,
+        decoder: str | LatentDecoder | None = None,
+        latent_scale: float = 0.18215,
+        use_ema: bool = True,
+        report: bool = True,
+    ) -> None:
+        if every_n_steps < 0:
+            raise ValueError(f"every_n_steps must be >= 0; got {every_n_steps}")
+        if num_samples < 2:
+            raise ValueError(f"num_samples must be >= 2 (FID needs a covariance); got {num_samples}")
+        if isinstance(feature, str) and feature not in ("digits", "inception"):
+            raise ValueError(f"feature must be 'digits', 'inception' or an nn.Module; got {feature!r}")
+        self.every_n_steps = int(every_n_steps)
+        self.num_samples = int(num_samples)
+        self.label_mode = labels
+        sample_labels([0], 1, labels, 0)  # validates the mode now, not after an hour of training
+        self.seed = int(seed)
+        self.sample_kwargs: dict[str, Any] = {
+            "sampler": sampler,
+            "steps": steps,
+            "method": method,
+            "use_ema": use_ema,
+        }
+        self.cfg_scales = [1.0] if cfg_scales is None else [float(s) for s in cfg_scales]
+        self.batch_size = int(batch_size)
+        self.feature = feature
+        self.reference_stats = reference_stats
+        self.floor = bool(floor)
+        self.cache_dir = cache_dir
+        self.decoder = make_decoder(decoder, latent_scale)
+        self.report = bool(report)
+        self.judge: DigitsClassifier | None = None
+        self.scorer: FIDScorer | None = None
+        self.floor_fid: float | None = None
+        self.judge_test_accuracy: float | None = None
+        self.history: list[tuple[int, SampleQuality]] = []
+        self._last_step: int | None = None
+        self._fit_start: float | None = None
+
+    # ---- setup: judge, extractor, reference ---------------------------------------------------------
+    def _cache_dir(self, trainer: pl.Trainer) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else Path(trainer.default_root_dir) / "eval_cache"
+
+    def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> FIDScorer:
+        if self.scorer is not None:
+            return self.scorer
+        datamodule = getattr(trainer, "datamodule", None)
+        cache = self._cache_dir(trainer)
+        extractor: Literal["inception"] | nn.Module
+        if self.feature == "digits":
+            if datamodule is None or not hasattr(datamodule, "train_images"):
+                raise ValueError(
+                    "feature='digits' needs a data module with train_images() (DigitsDataModule)"
+                )
+            train = datamodule.train_images()
+            self.judge = load_or_train_digits_classifier(train.x, train.y, cache_dir=cache)
+            extractor = DigitsFeatures(self.judge)
+        else:
+            extractor = self.feature
+        dataset = type(datamodule).__name__ if datamodule is not None else "data"
+        if self.reference_stats is not None:
+            reference = load_statistics(self.reference_stats)
+        else:
+            if datamodule is None or not hasattr(datamodule, "test_images"):
+                raise ValueError("give reference_stats, or a data module with test_images()")
+            test = datamodule.test_images()
+            reference = FIDScorer.cached_statistics(extractor, test.x, cache, f"{dataset}-test")
+            if self.judge is not None:
+                self.judge_test_accuracy = conditional_accuracy(self.judge, test.x, test.y)
+        self.scorer = FIDScorer(extractor, reference, rank=trainer.global_rank).to(pl_module.device)
+        if self.floor and datamodule is not None and hasattr(datamodule, "train_images"):
+            train_stats = FIDScorer.cached_statistics(
+                extractor, datamodule.train_images().x, cache, f"{dataset}-train"
+            )
+            self.floor_fid = frechet_distance(train_stats, reference)
+        return self.scorer
+
+    # ---- evaluation -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[SampleQuality]:
+        """Generate and score ``num_samples`` samples for each guidance scale (all ranks must call it)."""
+        scorer = self._prepare(trainer, pl_module)
+        share = rank_share(self.num_samples, trainer.global_rank, trainer.world_size)
+        num_classes = pl_module.network.num_classes
+        labels = sample_labels(share.indices, num_classes, self.label_mode, self.seed)
+        results = []
+        for scale in self.cfg_scales:
+            start = time.perf_counter()
+            images = generate(
+                pl_module.sample,
+                share.indices,
+                labels,
+                batch_size=self.batch_size,
+                decode=self.decoder,
+                seed=self.seed,
+                cfg_scale=scale,
+                **self.sample_kwargs,
+            )
+            images, kept = images[share.valid.to(images.device)], labels[share.valid]
+            scorer.reset()
+            scorer.update(images)
+            fid = scorer.compute()
+            accuracy = None
+            if self.judge is not None:
+                judge = self.judge.to(images.device)
+                correct = torch.tensor(
+                    conditional_accuracy(judge, images, kept) * len(kept),
+                    dtype=torch.float64,
+                    device=pl_module.device,
+                )
+                count = torch.tensor(float(len(kept)), dtype=torch.float64, device=pl_module.device)
+                correct = trainer.strategy.reduce(correct, reduce_op="sum")
+                count = trainer.strategy.reduce(count, reduce_op="sum")
+                accuracy = float(correct / count)
+            results.append(SampleQuality(scale, fid, accuracy, self.num_samples, time.perf_counter() - start))
+        self._log(trainer, results)
+        self._last_step = trainer.global_step
+        self.history.extend((trainer.global_step, r) for r in results)
+        return results
+
+    def _log(self, trainer: pl.Trainer, results: list[SampleQuality]) -> None:
+        metrics: dict[str, float] = {}
+        for r in results:
+            metrics[f"fid/cfg{r.cfg_scale:g}"] = r.fid
+            if r.conditional_accuracy is not None:
+                metrics[f"fid/cond_acc/cfg{r.cfg_scale:g}"] = r.conditional_accuracy
+        if self.floor_fid is not None:
+            metrics["fid/train_vs_reference"] = self.floor_fid
+        if trainer.global_rank == 0:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+
+    # ---- hooks ------------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fit_start = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self.evaluate(trainer, pl_module)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        train_seconds = time.perf_counter() - self._fit_start if self._fit_start is not None else None
+        if trainer.global_step != self._last_step:
+            results = self.evaluate(trainer, pl_module)
+        else:
+            results = [r for s, r in self.history if s == trainer.global_step]
+        if self.report and trainer.global_rank == 0:
+            total = time.perf_counter() - self._fit_start if self._fit_start is not None else None
+            rank_zero_info(self.summary(trainer, results, train_seconds, total))
+
+    def summary(
+        self,
+        trainer: pl.Trainer,
+        results: list[SampleQuality],
+        fit_seconds: float | None = None,
+        total_seconds: float | None = None,
+    ) -> str:
+        """The end-of-fit report: where the logs and grid are, the scores and the wall time."""
+        log_dir = log_dir_of(trainer)
+        grids = [
+            cb.last_path for cb in trainer.callbacks if isinstance(cb, SampleGridCallback) and cb.last_path
+        ]
+        per_class = self.num_samples // max(1, trainer.lightning_module.network.num_classes)
+        lines = ["", "=" * 78, f"sit-lightning: evaluation after {trainer.global_step} steps", "-" * 78]
+        lines.append(f"TensorBoard logs : {log_dir}   (tensorboard --logdir {log_dir})")
+        for path in grids:
+            lines.append(f"sample grid      : {path}")
+        settings = ", ".join(f"{k}={v}" for k, v in self.sample_kwargs.items() if v is not None)
+        lines.append(
+            f"samples          : {self.num_samples} ({self.label_mode}"
+            + (f", {per_class} per class" if self.label_mode == "balanced" else "")
+            + f"), seed {self.seed}, {settings}"
+        )
+        for r in results:
+            acc = (
+                ""
+                if r.conditional_accuracy is None
+                else f"conditional accuracy {100 * r.conditional_accuracy:6.2f}%   "
+            )
+            lines.append(f"cfg {r.cfg_scale:<4g}         : {acc}FID {r.fid:8.3f}   ({r.seconds:.0f} s)")
+        if self.floor_fid is not None:
+            lines.append(f"FID floor        : {self.floor_fid:.3f} (real train split vs test split)")
+        if self.judge_test_accuracy is not None:
+            lines.append(
+                f"judge            : digits classifier, {100 * self.judge_test_accuracy:.2f}% on real test digits"
+            )
+        if fit_seconds is not None:
+            lines.append(
+                f"wall time        : {fit_seconds:.0f} s training"
+                + (f", {total_seconds:.0f} s with the final evaluation" if total_seconds is not None else "")
+            )
+        lines.append("=" * 78)
+        return "\n".join(lines)
