@@ -26,8 +26,9 @@ import torch
 from torch import Tensor
 
 from sit_lightning.interpolants import Interpolant
+from sit_lightning.sampling.field import VelocityScore
 
-__all__ = ["DistributionError", "GaussianMixture2D", "MixtureFields", "default_mixture"]
+__all__ = ["DistributionError", "ExactField", "GaussianMixture2D", "MixtureFields", "default_mixture"]
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -178,11 +179,39 @@ class GaussianMixture2D:
         noise = s * mean_solved
         return MixtureFields(da * data + ds * noise, -mean_solved, noise, data, resp.T)
 
+    def field(self, path: Interpolant) -> ExactField:
+        """The exact field of this mixture under ``path``, as a sampler's ``VectorField``."""
+        return ExactField(self, path)
+
     def velocity(self, path: Interpolant, x: Tensor, t: Tensor | float) -> Tensor:
         return self.fields(path, x, t).velocity
 
     def score(self, path: Interpolant, x: Tensor, t: Tensor | float) -> Tensor:
         return self.fields(path, x, t).score
+
+
+class ExactField:
+    """A ``VectorField`` (see ``sit_lightning.sampling.field``) of a mixture's exact velocity and score.
+
+    ``velocity_and_score`` evaluates the mixture once (one NFE), like a network call.
+    """
+
+    def __init__(self, mixture: GaussianMixture2D, path: Interpolant) -> None:
+        self.mixture = mixture
+        self.interpolant = path
+        self.nfe = 0
+
+    def velocity(self, x: Tensor, t: Tensor | float) -> Tensor:
+        self.nfe += 1
+        return self.mixture.fields(self.interpolant, x, t).velocity
+
+    def velocity_and_score(self, x: Tensor, t: Tensor | float) -> VelocityScore:
+        self.nfe += 1
+        fields = self.mixture.fields(self.interpolant, x, t)
+        return VelocityScore(fields.velocity, fields.score)
+
+    def reset_nfe(self) -> None:
+        self.nfe = 0
 
 
 def _rotated(angle: float, scales: tuple[float, float]) -> Tensor:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gaussian_mixture import GaussianMixture2D, default_mixture
+from gaussian_mixture import ExactField, GaussianMixture2D, default_mixture
 
 from sit_lightning.interpolants import GVP, VP, Interpolant, Linear
 from sit_lightning.sampling import (
@@ -32,10 +32,8 @@ def mixture() -> GaussianMixture2D:
     return default_mixture()
 
 
-def mixture_field(mixture: GaussianMixture2D, path: Interpolant) -> FunctionField:
-    return FunctionField(
-        lambda x, t: mixture.velocity(path, x, t), path, score_fn=lambda x, t: mixture.score(path, x, t)
-    )
+def mixture_field(mixture: GaussianMixture2D, path: Interpolant) -> ExactField:
+    return mixture.field(path)
 
 
 def normals(n: int, seed: int) -> torch.Tensor:
@@ -243,3 +241,21 @@ def test_bad_settings_raise_with_the_allowed_values(
 def test_model_field_rejects_unknown_prediction() -> None:
     with pytest.raises(ValueError, match="prediction must be one of"):
         ModelField(lambda x, t: x, "linear", "epsilon")  # type: ignore[arg-type]
+
+
+def test_function_field_counts_and_converts(mixture: GaussianMixture2D) -> None:
+    path = GVP()
+    x, t = normals(16, 9), torch.full((16,), 0.3, dtype=torch.float64)
+    exact = mixture.fields(path, x, t)
+    converted = FunctionField(lambda x, t: mixture.velocity(path, x, t), path)
+    given = FunctionField(
+        lambda x, t: mixture.velocity(path, x, t), path, score_fn=lambda x, t: mixture.score(path, x, t)
+    )
+    for field in (converted, given):
+        v, s = field.velocity_and_score(x, 0.3)  # a scalar t reaches the function as (N,)
+        torch.testing.assert_close(v, exact.velocity)
+        torch.testing.assert_close(s, exact.score, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(field.velocity(x, t), exact.velocity)
+        assert field.nfe == 2
+        field.reset_nfe()
+        assert field.nfe == 0

@@ -24,7 +24,17 @@ from .field import FunctionField, ModelField, VectorField, VelocityScore, time_v
 from .grids import GRIDS, GridName, default_interval, shift_time, time_grid
 from .ode import ADAPTIVE_METHODS, FIXED_STEP_NFE, ODE_METHODS, OdeMethod, ode_step, sample_ode
 from .result import SampleResult
-from .sde import DEFAULT_LAST_STEP_SIZE, LAST_STEPS, SDE_METHODS, LastStep, SdeMethod, sample_sde, sde_drift
+from .sde import (
+    DEFAULT_LAST_STEP_SIZE,
+    LAST_STEPS,
+    SDE_METHODS,
+    SIGMA_AT_DATA,
+    LastStep,
+    SdeMethod,
+    last_step_update,
+    sample_sde,
+    sde_drift,
+)
 
 __all__ = [
     "ADAPTIVE_METHODS",
@@ -36,6 +46,7 @@ __all__ = [
     "ODE_METHODS",
     "RELEASED_FORMS",
     "SDE_METHODS",
+    "SIGMA_AT_DATA",
     "WKL",
     "Constant",
     "Decreasing",
@@ -55,6 +66,7 @@ __all__ = [
     "WKLEta",
     "default_interval",
     "from_released",
+    "last_step_update",
     "make_diffusion",
     "ode_step",
     "sample_ode",

@@ -25,7 +25,7 @@ Guards (where the released code returns NaN):
 - ``w_t`` infinite at the start (``w_kl`` with Linear/GVP at t = 0, where alpha = 0): that step's
   diffusion is evaluated at the step's end ``t + dt`` instead (the first step then behaves like an
   Euler-Maruyama step of an Ornstein-Uhlenbeck process with rate ``~1/dt``; later steps use ``w_t``).
-- Where ``sigma_t = 0`` (t = 1 on Linear/GVP, reached by the Heun corrector without a last step)
+- Where ``sigma_t = 0`` (below :data:`SIGMA_AT_DATA`; t = 1 on Linear/GVP, reached by the Heun corrector without a last step)
   the score of a converted model is undefined; the drift is the velocity there (the score term's
   weight ``w_t / 2`` must vanish there for the SDE to end in the data anyway).
 - ``w_t = 0``: the drift is the velocity (no score needed, so no ``0 x inf``).
@@ -57,6 +57,10 @@ LAST_STEPS: tuple[str, ...] = get_args(LastStep)
 #: The released default last-step size (paper: "clipping the interval by h = 0.04").
 DEFAULT_LAST_STEP_SIZE = 0.04
 
+#: Below this sigma_t the state is data (GVP's cos(pi/2) is 6e-17, not 0): the score of a converted model
+#: is 0/0 there, so the drift is the velocity alone.
+SIGMA_AT_DATA = 1e-8
+
 NormalSource = Tensor | Callable[[int, tuple[int, ...]], Tensor]
 
 __all__ = [
@@ -64,19 +68,48 @@ __all__ = [
     "LAST_STEPS",
     "LastStep",
     "SDE_METHODS",
+    "SIGMA_AT_DATA",
     "SdeMethod",
+    "last_step_update",
     "sample_sde",
     "sde_drift",
 ]
 
 
-def sde_drift(field: VectorField, x: Tensor, t: float, w: float) -> Tensor:
-    """``f = v + (w / 2) s`` at ``(x, t)``, one field call; just ``v`` where ``w = 0`` or ``sigma_t = 0``."""
-    sigma = float(field.interpolant.sigma(torch.tensor(t, dtype=torch.float64)))
-    if w == 0.0 or sigma == 0.0:
+def sde_drift(field: VectorField, x: Tensor, t: float, w: float, sigma: float | None = None) -> Tensor:
+    """``f = v + (w / 2) s`` at ``(x, t)``, one field call; just ``v`` where ``w = 0`` or ``sigma_t = 0``.
+
+    ``sigma`` is ``sigma_t`` if the caller already has it (computed from the interpolant otherwise).
+    """
+    if sigma is None:
+        sigma = float(field.interpolant.sigma(torch.tensor(t, dtype=torch.float64)))
+    if w == 0.0 or sigma < SIGMA_AT_DATA:
         return field.velocity(x, t)
     v, s = field.velocity_and_score(x, t)
     return v + (0.5 * w) * s
+
+
+def last_step_update(
+    field: VectorField, x: Tensor, t: float, h: float, last_step: LastStep, w: float
+) -> Tensor:
+    """The deterministic last step from ``(x, t)`` to ``t + h`` (1 NFE), as released.
+
+    ``mean``: ``x + f(x, t) h`` with ``f = v + (w/2) s``; ``euler``: ``x + v(x, t) h``;
+    ``tweedie``: ``(x + sigma_t^2 s(x, t)) / alpha_t`` (= E[x_1 | x_t]; independent of ``h``);
+    ``none``: ``x`` (no NFE). ``w`` is the diffusion coefficient at ``t``.
+    """
+    if last_step not in LAST_STEPS:
+        raise ValueError(f"last_step must be one of {LAST_STEPS}; got {last_step!r}")
+    if last_step == "none":
+        return x
+    t_tensor = torch.tensor(t, dtype=torch.float64)
+    if last_step == "mean":
+        return x + sde_drift(field, x, t, w, float(field.interpolant.sigma(t_tensor))) * h
+    if last_step == "euler":
+        return x + field.velocity(x, t) * h
+    alpha, sigma = float(field.interpolant.alpha(t_tensor)), float(field.interpolant.sigma(t_tensor))
+    _, score = field.velocity_and_score(x, t)
+    return x / alpha + (sigma**2 / alpha) * score
 
 
 class _Normals:
@@ -172,42 +205,33 @@ def sample_sde(
     times = time_grid(start, end - h, stochastic_steps, grid=grid, shift=shift)
     draw = _Normals(normals, generator)
 
-    def w_at(t: float) -> float:
-        return float(coefficient(torch.tensor(t, dtype=torch.float64), interpolant))
+    # w_t and sigma_t on the whole grid at once (one vectorised call instead of one per step)
+    grid_values = times.tolist()
+    w_grid = coefficient(times, interpolant).tolist()
+    sigma_grid = interpolant.sigma(times).tolist()
 
     nfe_before = field.nfe
     x = noise
     states = [x] if return_trajectory else None
-    grid_values = times.tolist()
-    for k, (t, t_next) in enumerate(zip(grid_values[:-1], grid_values[1:], strict=True)):
+    for k in range(stochastic_steps):
+        t, t_next = grid_values[k], grid_values[k + 1]
         dt = t_next - t
-        w = w_at(t)
+        w = w_grid[k]
         if not math.isfinite(w):  # w_KL at alpha = 0: evaluate this step's diffusion at its end
-            w = w_at(t_next)
+            w = w_grid[k + 1]
         dw = draw(k, x) * math.sqrt(dt)
         if method == "euler":
-            x = x + sde_drift(field, x, t, w) * dt + math.sqrt(w) * dw
+            x = x + sde_drift(field, x, t, w, sigma_grid[k]) * dt + math.sqrt(w) * dw
         else:
             x_hat = x + math.sqrt(w) * dw
-            k1 = sde_drift(field, x_hat, t, w)
-            k2 = sde_drift(field, x_hat + dt * k1, t_next, w_at(t_next))
+            k1 = sde_drift(field, x_hat, t, w, sigma_grid[k])
+            k2 = sde_drift(field, x_hat + dt * k1, t_next, w_grid[k + 1], sigma_grid[k + 1])
             x = x_hat + 0.5 * dt * (k1 + k2)
         if states is not None:
             states.append(x)
 
     if has_last:
-        t_s = grid_values[-1]
-        if last_step == "mean":
-            x = x + sde_drift(field, x, t_s, w_at(t_s)) * h
-        elif last_step == "euler":
-            x = x + field.velocity(x, t_s) * h
-        else:  # tweedie: E[x_1 | x_t] = (x + sigma^2 s) / alpha
-            alpha, sigma = (
-                float(c(torch.tensor(t_s, dtype=torch.float64)))
-                for c in (interpolant.alpha, interpolant.sigma)
-            )
-            _, score = field.velocity_and_score(x, t_s)
-            x = x / alpha + (sigma**2 / alpha) * score
+        x = last_step_update(field, x, grid_values[-1], h, last_step, w_grid[-1])
         times = torch.cat([times, times.new_tensor([end])])
         if states is not None:
             states.append(x)
