@@ -15,6 +15,9 @@ __version__ = "0.1.0"
 # public name -> submodule that defines it (imported on first access)
 _LAZY = {
     "SiT": "sit_lightning.models",
+    "SiT_models": "sit_lightning.models",
+    "build_sit": "sit_lightning.models",
+    "load_released_sit": "sit_lightning.models",
     "Interpolant": "sit_lightning.interpolants",
     "Linear": "sit_lightning.interpolants",
     "GVP": "sit_lightning.interpolants",
