@@ -178,7 +178,8 @@ class SiTModule(LightningModule):
             raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(SIT_PRESETS)}")
         if loss_profile_bins < 1:
             raise ValueError(f"loss_profile_bins must be >= 1; got {loss_profile_bins}")
-        self.save_hyperparameters(ignore=["objective", "optimizer", "lr_scheduler"])
+        # The objective is kept (load_from_checkpoint rebuilds it); the optimizer callables are not state.
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         preset = SIT_PRESETS[arch]
         # Weights depend on `seed` only, not on the global RNG state or on which rank builds them:
         # FSDP2 shards the tensors each rank initialised, so all ranks must build the same ones.

@@ -12,6 +12,8 @@ import torch
 import yaml
 
 from sit_lightning.cli import main
+from sit_lightning.interpolants import GVP
+from sit_lightning.module import SiTModule
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 PAPER_CONFIG = re.compile(
@@ -130,7 +132,7 @@ def test_digits_demo_trains_a_few_steps_through_main(tmp_path) -> None:
         "--trainer.check_val_every_n_epoch", "1",
         "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0",
         "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
-        "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_progress_bar", "false", "--model.objective.init_args.path", "gvp",
     ]  # fmt: skip
     code, _, err = _run(["fit", *args])
     assert code == 0, err[-3000:]
@@ -145,3 +147,10 @@ def test_digits_demo_trains_a_few_steps_through_main(tmp_path) -> None:
     assert ema_state["ema"].keys() == {k for k in checkpoint["state_dict"]}
     code, _, err = _run(["validate", *args, "--ckpt_path", str(checkpoints[-1])])
     assert code == 0, err[-3000:]
+    # load_from_checkpoint rebuilds the configured objective (GVP here), weights and loss profile
+    module = SiTModule.load_from_checkpoint(checkpoints[-1], weights_only=False)
+    assert isinstance(module.objective.interpolant, GVP)
+    trained = checkpoint["state_dict"]["network.final_layer.linear.weight"]
+    assert trained.abs().sum() > 0  # moved away from its zero initialisation
+    assert all(torch.equal(v, checkpoint["state_dict"][k]) for k, v in module.state_dict().items())
+    assert torch.equal(module.loss_profile.values, checkpoint["loss_profile"]["values"])
