@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -141,6 +143,10 @@ def test_resume_with_another_batch_size_starts_the_next_epoch() -> None:
     with pytest.warns(UserWarning, match="resumes at the start of epoch 2"):
         restored.bind(new)
     assert restored.next_step == 8 and new.keys(restored.next_step)[0] == 2 * new.samples_per_epoch
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the loader loading the same state again does not warn twice
+        restored.load_state_dict(saved.state_dict())
+    assert restored.next_step == 8
     same = StreamPosition()
     same.load_state_dict(saved.state_dict())
     same.bind(GlobalBatchSampler(N, G, rank=1, world_size=4))  # another world size continues exactly

@@ -203,6 +203,7 @@ class StreamPosition:
         self.next_step = 0
         self._stream: tuple[int, int] | None = None  # (num_samples, global_batch_size) of the bound sampler
         self._pending: dict[str, Any] | None = None  # loaded before the sampler was known
+        self._warned: tuple[Any, Any] | None = None
 
     def bind(self, sampler: GlobalBatchSampler) -> None:
         """Attach the stream this position counts in (resolves a state loaded before)."""
@@ -245,6 +246,9 @@ class StreamPosition:
         epoch, within = divmod(next_step, old_steps_per_epoch)
         new_epoch = epoch + (1 if within else 0)
         self.next_step = new_epoch * (self._stream[0] // self._stream[1])
+        if self._warned == (saved, self._stream):
+            return  # the datamodule and the train loader both load the same state on resume: warn once
+        self._warned = (saved, self._stream)
         rank_zero_warn(
             f"the checkpoint's data stream had {saved[0]} samples in global batches of {saved[1]}, this run "
             f"has {self._stream[0]} in batches of {self._stream[1]}: the sample stream cannot continue "
