@@ -179,4 +179,9 @@ def run_training(kind: str, steps: int, split: bool, workdir: str, devices: int 
     module, ema, trainer = make(steps)
     trainer.fit(module, RandomLatentsDataModule(), ckpt_path=ckpt)
     state = final_state(module, trainer, ema)
+    # Validation on the EMA weights (swapped in shard by shard under FSDP2), then the L_t profile
+    # reduced over the ranks: it must not depend on the world size either.
+    trainer.limit_val_batches = 1.0
+    trainer.validate(module, RandomLatentsDataModule(), verbose=False)
+    state["profile"] = {"values": module.loss_profile.values.clone()}
     return state if trainer.global_rank == 0 else None

@@ -22,7 +22,7 @@ from sit_lightning.module import SiTModule
 STEPS = 4  # 2 epochs of 2 steps (16 samples, global batch 8); the split run resumes after step 2
 REL_TOL = 1e-5
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("weights", "optimizer", "ema")
+SECTIONS = ("weights", "optimizer", "ema", "profile")
 
 
 @pytest.fixture(scope="module")
