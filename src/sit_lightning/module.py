@@ -202,6 +202,7 @@ class SiTModule(LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.seed = int(seed)
         self.compile_network = compile
+        self._compiled = False
         self.latent_shape = (in_channels, input_size, input_size)
         self._profile_times = (torch.arange(loss_profile_bins, dtype=torch.float64) + 0.5) / loss_profile_bins
         self._profile: LossProfile | None = None
@@ -244,16 +245,16 @@ class SiTModule(LightningModule):
         Under DDP or a single device nothing is sharded. Also compiles the network when asked.
         """
         mesh = self._device_mesh
-        if mesh is not None and not _is_fully_sharded(self.network):
+        if mesh is not None and not _is_fully_sharded(self.network):  # configure_model runs per stage
             from torch.distributed.fsdp import fully_shard
 
             dp_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
             for block in self.network.blocks:
                 fully_shard(block, mesh=dp_mesh)
             fully_shard(self.network, mesh=dp_mesh)
-        if self.compile_network and not getattr(self.network, "_sit_compiled", False):
-            self.network.compile()
-            self.network._sit_compiled = True
+        if self.compile_network and not self._compiled:
+            self.network.compile()  # in place: parameter names (and checkpoints) stay the same
+            self._compiled = True
 
     def configure_optimizers(self) -> Any:
         """The injected optimizer and scheduler, or the paper's constant-LR AdamW."""
@@ -469,4 +470,6 @@ class SiTModule(LightningModule):
 
 
 def _is_fully_sharded(module: torch.nn.Module) -> bool:
-    return type(module).__name__.startswith("FSDP")
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)

@@ -202,3 +202,24 @@ def test_ema_state_round_trips_into_a_fresh_callback() -> None:
     bad.load_state_dict({"ema": {"other": torch.zeros(1)}})
     with pytest.raises(ValueError, match="missing"):
         bad._ensure(_Params())
+
+
+def test_validation_runs_on_the_ema_weights_and_leaves_the_live_weights_alone() -> None:
+    module, ema = SiTModule(**TINY_MODEL, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2)), EMACallback(0.5)
+    data = RandomLatentsDataModule()
+    trainer = pl.Trainer(**trainer_kwargs(max_steps=2, callbacks=[ema]))
+    trainer.fit(module, data)
+    live = {k: v.clone() for k, v in module.state_dict().items()}
+    trainer.limit_val_batches = 1.0
+    trainer.validate(module, data, verbose=False)
+    with_ema = module.loss_profile.values
+    assert all(torch.equal(v, live[k]) for k, v in module.state_dict().items())
+    # the same validation on a plain module that holds the EMA tensors as its weights
+    copy = SiTModule(**TINY_MODEL)
+    copy.load_state_dict(ema.ema_tensors())
+    pl.Trainer(**trainer_kwargs(limit_val_batches=1.0)).validate(copy, data, verbose=False)
+    assert torch.equal(copy.loss_profile.values, with_ema)
+    no_ema = SiTModule(**TINY_MODEL)
+    no_ema.load_state_dict(live)
+    pl.Trainer(**trainer_kwargs(limit_val_batches=1.0)).validate(no_ema, data, verbose=False)
+    assert not torch.allclose(no_ema.loss_profile.values, with_ema)

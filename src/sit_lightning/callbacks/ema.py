@@ -68,7 +68,7 @@ class EMACallback(Callback):
             short runs; the paper uses no warm-up.
         update_every: update after every k-th optimizer step (the decay is per update).
         start_step: before this optimizer step the EMA is a plain copy of the weights.
-        validate_with_ema: run validation (and so the loss profile) on the EMA weights.
+        validate_with_ema: run validation (and so the loss profile), test and predict on the EMA weights.
     """
 
     def __init__(
@@ -184,15 +184,33 @@ class EMACallback(Callback):
         self._last_step = step
         self.update(pl_module, step)
 
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.validate_with_ema:
+    def _swap_in(self, pl_module: pl.LightningModule) -> None:
+        if self.validate_with_ema and self._validation_swap is None:
             self._validation_swap = contextlib.ExitStack()
             self._validation_swap.enter_context(self.swap(pl_module))
 
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _swap_out(self) -> None:
         if self._validation_swap is not None:
             self._validation_swap.close()
             self._validation_swap = None
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._swap_in(pl_module)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._swap_out()
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._swap_in(pl_module)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._swap_out()
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._swap_in(pl_module)
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._swap_out()
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
