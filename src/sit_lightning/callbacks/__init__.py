@@ -1,5 +1,8 @@
-"""Lightning callbacks: EMA of the weights (and sample grids, FID, throughput)."""
+"""Lightning callbacks: EMA of the weights, sample grids, FID during training, throughput / MFU."""
 
 from .ema import PAPER_EMA_DECAY, EMACallback
+from .fid import FIDCallback
+from .sample_grid import SampleGridCallback
+from .throughput import ThroughputCallback
 
-__all__ = ["EMACallback", "PAPER_EMA_DECAY"]
+__all__ = ["EMACallback", "FIDCallback", "PAPER_EMA_DECAY", "SampleGridCallback", "ThroughputCallback"]
