@@ -423,7 +423,9 @@ class SiTModule(LightningModule):
         indices = torch.arange(len(labels)) if indices is None else torch.as_tensor(indices).reshape(-1).cpu()
         if len(indices) != len(labels):
             raise ValueError(f"indices has {len(indices)} entries but labels has {len(labels)}")
-        noise = self.sample_noise(indices, seed) if noise is None else noise.to(self.device)
+        noise = self.sample_noise(indices, seed) if noise is None else noise
+        # the state is integrated in the weights' dtype (float32, or bf16 for a bf16-true model)
+        noise = noise.to(device=self.device, dtype=next(self.network.parameters()).dtype)
         kwargs: dict[str, Any] = dict(sampler_kwargs)
         if method is not None:
             kwargs["method"] = method

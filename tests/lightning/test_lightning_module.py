@@ -223,3 +223,17 @@ def test_validation_runs_on_the_ema_weights_and_leaves_the_live_weights_alone() 
     no_ema.load_state_dict(live)
     pl.Trainer(**trainer_kwargs(limit_val_batches=1.0)).validate(no_ema, data, verbose=False)
     assert not torch.allclose(no_ema.loss_profile.values, with_ema)
+
+
+def test_bf16_mixed_training_keeps_float32_weights_and_ema() -> None:
+    """bf16 autocast (the configs' precision): the loss, the weights and the EMA stay float32."""
+    module, ema = SiTModule(**TINY_MODEL), EMACallback(0.5)
+    trainer = pl.Trainer(
+        **trainer_kwargs(max_steps=2, precision="bf16-mixed", callbacks=[ema], deterministic=False)
+    )
+    trainer.fit(module, RandomLatentsDataModule())
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert all(p.dtype == torch.float32 for p in module.parameters())
+    assert all(e.dtype == torch.float32 for e in ema.ema_tensors().values())
+    trained = module.network.final_layer.linear.weight
+    assert trained.abs().sum() > 0  # the optimizer stepped (zero-initialised layer moved)
