@@ -1,0 +1,116 @@
+"""Sample grid and FID callbacks inside a real (tiny) Lightning fit on the digits."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from PIL import Image
+
+from sit_lightning.callbacks.fid import FIDCallback, conditional_accuracy
+from sit_lightning.callbacks.sample_grid import SampleGridCallback
+from sit_lightning.data import DigitsDataModule
+from sit_lightning.evaluation.digits_classifier import DigitsFeatures
+from sit_lightning.evaluation.fid import FIDScorer, feature_statistics, frechet_distance
+from sit_lightning.evaluation.images import to_uint8
+from sit_lightning.module import SiTModule
+
+SAMPLER = dict(sampler="ode", steps=2, method="euler")
+PER_CLASS = 2
+NUM_FID = 40
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fit")
+    module = SiTModule(
+        arch="SiT-S/2", input_size=8, in_channels=1, num_classes=10, learn_sigma=False,
+        depth=1, hidden_size=32, num_heads=2, patch_size=4,
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
+    )  # fmt: skip
+    grid = SampleGridCallback(every_n_steps=0, num_per_class=PER_CLASS, seed=3, batch_size=7, **SAMPLER)
+    fid = FIDCallback(
+        num_samples=NUM_FID,
+        seed=4,
+        cfg_scales=[1.0, 2.0],
+        batch_size=16,
+        cache_dir=str(root / "cache"),
+        **SAMPLER,
+    )
+    trainer = Trainer(
+        max_steps=3, accelerator="cpu", devices=1, logger=TensorBoardLogger(root, name="tb"),
+        callbacks=[grid, fid], enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, default_root_dir=root,
+    )  # fmt: skip
+    datamodule = DigitsDataModule(global_batch_size=32)
+    logs = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logs.addHandler(handler)
+    try:
+        trainer.fit(module, datamodule=datamodule)
+    finally:
+        logs.removeHandler(handler)
+    return module, trainer, grid, fid, datamodule, "\n".join(records)
+
+
+def test_grid_png_holds_the_decoded_samples(fitted):
+    module, trainer, grid, _, _, _ = fitted
+    path = grid.last_path
+    assert (
+        path is not None
+        and path.exists()
+        and path.parent == trainer.logger.log_dir / path.parent.relative_to(trainer.logger.log_dir)
+    )
+    png = torch.from_numpy(np.array(Image.open(path)))  # (H, W) grey
+    cell, pad = 8, 1
+    assert png.shape == (10 * (cell + pad) + pad, PER_CLASS * (cell + pad) + pad)  # one class per row
+    labels = torch.arange(10).repeat_interleave(PER_CLASS)
+    expected = to_uint8(module.sample(labels, seed=3, **SAMPLER).samples)
+    for i in range(len(labels)):
+        top, left = pad + (i // PER_CLASS) * (cell + pad), pad + (i % PER_CLASS) * (cell + pad)
+        assert torch.equal(png[top : top + cell, left : left + cell], expected[i, 0])
+
+
+def test_grid_goes_to_tensorboard(fitted):
+    _, trainer, _, _, _, _ = fitted
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(trainer.logger.log_dir)
+    events.Reload()
+    assert "samples" in events.Tags()["images"]
+    scalars = events.Tags()["scalars"]
+    assert {"fid/cfg1", "fid/cfg2", "fid/cond_acc/cfg1", "fid/train_vs_reference"} <= set(scalars)
+
+
+def test_fid_and_accuracy_equal_an_independent_recomputation(fitted):
+    module, trainer, _, fid, datamodule, _ = fitted
+    results = {r.cfg_scale: r for step, r in fid.history if step == trainer.global_step}
+    assert set(results) == {1.0, 2.0}
+    test = datamodule.test_images()
+    features = DigitsFeatures(fid.judge)
+    reference = feature_statistics(features(test.x))
+    for scale, result in results.items():
+        labels = torch.arange(NUM_FID) % 10  # balanced: label i % 10
+        images = module.sample(labels, seed=4, cfg_scale=scale, **SAMPLER).samples
+        assert result.conditional_accuracy == pytest.approx(conditional_accuracy(fid.judge, images, labels))
+        expected = frechet_distance(feature_statistics(features(images)), reference)
+        assert result.fid == pytest.approx(expected, rel=1e-4)
+    floor = frechet_distance(feature_statistics(features(datamodule.train_images().x)), reference)
+    assert fid.floor_fid == pytest.approx(floor, rel=1e-6)
+    # the same reference statistics are cached on disk for the next run
+    cached = FIDScorer.cached_statistics(features, test.x, fid.cache_dir, "DigitsDataModule-test")
+    torch.testing.assert_close(cached.mean, reference.mean)
+
+
+def test_final_report_says_where_and_how_good(fitted):
+    _, _, grid, fid, _, report = fitted
+    assert str(grid.last_path) in report
+    assert "conditional accuracy" in report and "FID floor" in report
+    acc = next(r.conditional_accuracy for _, r in fid.history if r.cfg_scale == 1.0)
+    assert f"{100 * acc:6.2f}%" in report
