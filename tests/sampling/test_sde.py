@@ -27,6 +27,7 @@ from sit_lightning.sampling import (
     last_step_update,
     make_diffusion,
     sample_sde,
+    time_grid,
 )
 
 Z_BOUND = 4.0
@@ -373,3 +374,18 @@ def test_bad_diffusion_settings_raise(make, message: str) -> None:
 def test_bad_sde_settings_raise(mixture: GaussianMixture2D, kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         sample_sde(mixture_field(mixture, Linear()), normals(2, 0), **{"steps": 5, **kwargs})
+
+
+def test_sde_shifted_grid(mixture: GaussianMixture2D) -> None:
+    result = sample_sde(
+        mixture_field(mixture, Linear()),
+        normals(4, 0),
+        steps=11,
+        grid="shifted",
+        shift=0.3,
+        generator=torch.Generator(),
+    )
+    expected = torch.cat(
+        [time_grid(0.0, 0.96, 10, grid="shifted", shift=0.3), torch.ones(1, dtype=torch.float64)]
+    )
+    torch.testing.assert_close(result.times, expected)
