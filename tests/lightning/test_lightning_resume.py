@@ -93,3 +93,44 @@ def test_two_process_run_with_resume_equals_one_process(kind, straight, distribu
         assert (distributed / kind / "half.ckpt").is_dir()  # a sharded (distributed) checkpoint
     else:
         assert int(result["meta"]["dtensor_params"]) == 0
+
+
+def test_mid_epoch_resume_with_the_digits_datamodule_is_bit_identical(deterministic, tmp_path) -> None:
+    """The real data stack: DigitsDataModule's global-batch stream resumed in the middle of an epoch."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning_toy import trainer_kwargs
+
+    from sit_lightning.callbacks import EMACallback
+    from sit_lightning.data import DigitsDataModule
+
+    digits_model = dict(TINY_MODEL, in_channels=1, num_classes=10)
+
+    class CountSteps(pl.Callback):
+        steps = 0
+
+        def on_train_batch_end(self, *args) -> None:
+            self.steps += 1
+
+    def run(max_steps: int, ckpt: str | None = None, save_every: int = 0) -> tuple[dict, dict]:
+        module, ema, counter = SiTModule(**digits_model), EMACallback(decay=0.5), CountSteps()
+        callbacks = [ema, counter]
+        if save_every:
+            callbacks.append(ModelCheckpoint(tmp_path, filename="mid", every_n_train_steps=save_every))
+        trainer = pl.Trainer(
+            **trainer_kwargs(max_steps=max_steps, callbacks=callbacks, enable_checkpointing=bool(save_every))
+        )
+        trainer.fit(module, DigitsDataModule(global_batch_size=16), ckpt_path=ckpt)
+        assert counter.steps == (max_steps - 3 if ckpt else max_steps)  # the resumed run did only the rest
+        opt = trainer.optimizers[0]
+        moments = {
+            n: opt.state[p]["exp_avg_sq"].clone() for n, p in module.named_parameters() if p in opt.state
+        }
+        return dict(module.state_dict()) | {f"ema/{k}": v for k, v in ema.ema_tensors().items()}, moments
+
+    straight = run(6)
+    run(3, save_every=3)  # an epoch is ~90 steps: step 3 is mid-epoch
+    resumed = run(6, ckpt=str(tmp_path / "mid.ckpt"))
+    for a, b in zip(straight, resumed, strict=True):
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)
