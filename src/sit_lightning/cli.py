@@ -79,7 +79,7 @@ def main(args: list[str] | None = None) -> int:
             auto_configure_optimizers=False,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"prog": "sit-lightning", "description": _DESCRIPTION},
-            args=argv,
+            args=args,  # None: LightningCLI reads sys.argv itself (and does not warn about both)
         )
     except ShapeMismatchError as err:
         print(f"sit-lightning: error: {err}", file=sys.stderr)
