@@ -22,6 +22,8 @@ from .diffusion import (
 )
 from .field import FunctionField, ModelField, VectorField, VelocityScore, time_vector
 from .grids import GRIDS, GridName, default_interval, shift_time, time_grid
+from .guidance import ClassifierFreeGuidance, GuidanceCalls
+from .likelihood import LikelihoodResult, likelihood, standard_normal_logp
 from .ode import ADAPTIVE_METHODS, FIXED_STEP_NFE, ODE_METHODS, OdeMethod, ode_step, sample_ode
 from .result import SampleResult
 from .sde import (
@@ -37,6 +39,11 @@ from .sde import (
 )
 
 __all__ = [
+    "ClassifierFreeGuidance",
+    "GuidanceCalls",
+    "LikelihoodResult",
+    "likelihood",
+    "standard_normal_logp",
     "ADAPTIVE_METHODS",
     "DEFAULT_LAST_STEP_SIZE",
     "DIFFUSIONS",
