@@ -28,3 +28,15 @@ def golden() -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(GOLDEN_FILE))
+
+
+@pytest.fixture(scope="session")
+def golden_model_config() -> dict:
+    """Constructor arguments of the golden tiny SiT, read from the golden JSON."""
+    import json
+
+    path = GOLDEN_DIR / "sit_released_golden.json"
+    if not path.exists():
+        pytest.skip(f"golden data not found at {path}")
+    text = json.loads(path.read_text())["tensors"]["model.*"]
+    return json.loads(text[text.index("{") : text.index("}") + 1])

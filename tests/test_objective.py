@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
 
-from conftest import GOLDEN_DIR
 from gaussian_closed_form import exact_fields, rotated_gaussian
 from sit_lightning.interpolants import GVP, VP, Linear, make_interpolant
 from sit_lightning.objective import (
@@ -149,12 +147,11 @@ def test_bad_choices_raise_with_the_options() -> None:
     assert isinstance(TrainingObjective().time_sampler, UniformTimeSampler)
 
 
-def test_golden_losses(golden: dict) -> None:
+def test_golden_losses(golden: dict, golden_model_config: dict) -> None:
     """Every loss.* case of the released code on its tiny model, with the same t, noise and data."""
-    models = pytest.importorskip("sit_lightning.models")
-    config = json.loads((GOLDEN_DIR / "sit_released_golden.json").read_text())["tensors"]["model.*"]
-    config = json.loads(config[config.index("{") : config.index("}") + 1])
-    model = models.SiT(**config).eval()
+    from sit_lightning.models import SiT
+
+    model = SiT(**golden_model_config).eval()
     model.load_state_dict(
         {k[len("model.") :]: v for k, v in golden.items() if k.startswith("model.")}, strict=True
     )
