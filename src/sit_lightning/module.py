@@ -363,6 +363,15 @@ class SiTModule(LightningModule):
         else:
             yield
 
+    def network_state_dict(self, use_ema: bool = True) -> dict[str, Tensor]:
+        """The network's weights in the released SiT layout (no ``network.`` prefix), EMA by default.
+
+        ``SiT(...).load_state_dict(module.network_state_dict(), strict=True)`` loads them, as does the
+        released code when ``learn_sigma=True``. Single device / DDP (under FSDP2 use a full state dict).
+        """
+        with self.ema_weights(use_ema):
+            return {k: v.detach().clone() for k, v in self.network.state_dict().items()}
+
     def sample_noise(self, indices: Sequence[int] | Tensor, seed: int | None = None) -> Tensor:
         """``(N, C, H, W)`` starting noise; row ``i`` depends only on ``(seed, indices[i])``."""
         seed = self.seed if seed is None else seed

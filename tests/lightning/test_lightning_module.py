@@ -219,6 +219,12 @@ def test_validation_runs_on_the_ema_weights_and_leaves_the_live_weights_alone() 
     copy.load_state_dict(ema.ema_tensors())
     pl.Trainer(**trainer_kwargs(limit_val_batches=1.0)).validate(copy, data, verbose=False)
     assert torch.equal(copy.loss_profile.values, with_ema)
+    exported = module.network_state_dict()  # EMA weights, released key layout
+    assert all(torch.equal(exported[k], ema.ema_tensors()[f"network.{k}"]) for k in exported)
+    key = "final_layer.linear.weight"
+    assert torch.equal(module.network_state_dict(use_ema=False)[key], live[f"network.{key}"])
+    assert not torch.equal(exported[key], live[f"network.{key}"])
+    SiTModule(**TINY_MODEL).network.load_state_dict(exported, strict=True)
     no_ema = SiTModule(**TINY_MODEL)
     no_ema.load_state_dict(live)
     pl.Trainer(**trainer_kwargs(limit_val_batches=1.0)).validate(no_ema, data, verbose=False)
