@@ -134,3 +134,26 @@ def test_mid_epoch_resume_with_the_digits_datamodule_is_bit_identical(determinis
     for a, b in zip(straight, resumed, strict=True):
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gradient_accumulation_equals_the_full_global_batch() -> None:
+    """Global batch 8 x 2 accumulated micro-batches = global batch 16: the keyed draws follow the samples."""
+    import lightning.pytorch as pl
+    from lightning_toy import TEST_ADAM_EPS, TEST_LR, trainer_kwargs
+
+    from sit_lightning.data import DigitsDataModule
+
+    digits_model = dict(TINY_MODEL, in_channels=1, num_classes=10)
+    initial = SiTModule(**digits_model).state_dict()
+    final = []
+    for global_batch, accumulate in [(16, 1), (8, 2)]:
+        module = SiTModule(
+            **digits_model, optimizer=lambda p: torch.optim.AdamW(p, lr=TEST_LR, eps=TEST_ADAM_EPS)
+        )
+        trainer = pl.Trainer(**trainer_kwargs(max_steps=3, accumulate_grad_batches=accumulate))
+        trainer.fit(module, DigitsDataModule(global_batch_size=global_batch))
+        final.append(module.state_dict())
+    for key, reference in final[0].items():
+        update = (reference - initial[key]).norm()
+        if update > 0:  # relative to the training update, the strictest scale
+            assert (final[1][key] - reference).norm() / update <= REL_TOL, key
