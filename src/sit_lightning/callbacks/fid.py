@@ -260,6 +260,10 @@ class FIDCallback(Callback):
             results = self.evaluate(trainer, pl_module)
         else:
             results = [r for s, r in self.history if s == trainer.global_step]
+        # the report names the final grid, whatever the order of the callbacks
+        for callback in trainer.callbacks:
+            if isinstance(callback, SampleGridCallback) and callback.last_logged_step != trainer.global_step:
+                callback.log_grid(trainer, pl_module)
         if self.report and trainer.global_rank == 0:
             total = time.perf_counter() - self._fit_start if self._fit_start is not None else None
             rank_zero_info(self.summary(trainer, results, train_seconds, total))

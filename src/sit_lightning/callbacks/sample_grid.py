@@ -97,8 +97,8 @@ class SampleGridCallback(Callback):
         self.decoder = make_decoder(decoder, latent_scale)
         self.upscale = int(upscale)
         self.tag = tag
-        self.last_path: Path | None = None
-        self._last_logged_step: int | None = None
+        self.last_path: Path | None = None  # the latest PNG (rank 0)
+        self.last_logged_step: int | None = None
 
     def grid_labels(self, num_classes: int) -> Tensor:
         """``(N,)`` labels of the grid cells."""
@@ -140,7 +140,7 @@ class SampleGridCallback(Callback):
         """Sample, then (rank 0) write the PNG and the TensorBoard image. Returns the PNG path on rank 0."""
         step = trainer.global_step
         images = self.sample_images(trainer, pl_module)
-        self._last_logged_step = step
+        self.last_logged_step = step
         if trainer.global_rank != 0:
             return None
         grid = self.grid_image(images)
@@ -161,10 +161,10 @@ class SampleGridCallback(Callback):
             self.every_n_steps
             and step > 0
             and step % self.every_n_steps == 0
-            and step != self._last_logged_step
+            and step != self.last_logged_step
         ):
             self.log_grid(trainer, pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.global_step != self._last_logged_step:
+        if trainer.global_step != self.last_logged_step:
             self.log_grid(trainer, pl_module)
