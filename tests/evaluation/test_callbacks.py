@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import logging
+import contextlib
+import io
 
 import numpy as np
 import pytest
@@ -48,16 +49,10 @@ def fitted(tmp_path_factory):
         enable_model_summary=False, limit_val_batches=0, default_root_dir=root,
     )  # fmt: skip
     datamodule = DigitsDataModule(global_batch_size=32)
-    logs = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    records: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: records.append(record.getMessage())
-    logs.addHandler(handler)
-    try:
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):  # the report is printed on stdout
         trainer.fit(module, datamodule=datamodule)
-    finally:
-        logs.removeHandler(handler)
-    return module, trainer, grid, fid, datamodule, "\n".join(records)
+    return module, trainer, grid, fid, datamodule, printed.getvalue()
 
 
 def test_grid_png_holds_the_decoded_samples(fitted):

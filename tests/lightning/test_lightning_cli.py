@@ -125,8 +125,23 @@ def test_data_that_does_not_fit_the_model_is_a_one_line_error(tmp_path) -> None:
     assert "Traceback" not in err
 
 
+def _smoke_callbacks() -> str:
+    """The demo's callbacks (same order, same classes) with sizes small enough for CI."""
+    demo = yaml.safe_load((CONFIGS / "digits.yaml").read_text())["trainer"]["callbacks"]
+    small = {
+        "SampleGridCallback": {"every_n_steps": 3, "num_per_class": 1, "steps": 2},
+        "FIDCallback": {"num_samples": 40, "steps": 2, "batch_size": 20},
+    }
+    for callback in demo:
+        callback.setdefault("init_args", {}).update(small.get(callback["class_path"].rsplit(".", 1)[-1], {}))
+    return yaml.safe_dump(demo, default_flow_style=True, width=10_000).strip()
+
+
 def test_digits_demo_trains_a_few_steps_through_main(tmp_path) -> None:
-    """fit 3 steps with a validation at step 3 and a checkpoint, then validate from that checkpoint."""
+    """fit 3 steps with a validation at step 3 and a checkpoint, then validate from that checkpoint.
+
+    The demo's own callbacks run too (grid, FID report with and without guidance, throughput), shrunk.
+    """
     args = [
         "--config", str(CONFIGS / "digits.yaml"), "--trainer.max_steps", "3", "--trainer.val_check_interval", "3",
         "--trainer.check_val_every_n_epoch", "1",
@@ -134,8 +149,11 @@ def test_digits_demo_trains_a_few_steps_through_main(tmp_path) -> None:
         "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
         "--trainer.enable_progress_bar", "false", "--model.objective.init_args.path", "gvp",
     ]  # fmt: skip
-    code, _, err = _run(["fit", *args])
+    code, out, err = _run(["fit", *args, "--trainer.callbacks", _smoke_callbacks()])
     assert code == 0, err[-3000:]
+    report = out + err
+    assert "conditional accuracy" in report.lower(), report[-3000:]
+    assert sorted(tmp_path.rglob("*.png")), "the demo writes a PNG grid of samples"
     checkpoints = sorted(tmp_path.rglob("*.ckpt"))
     assert checkpoints, f"no checkpoint under {tmp_path}"
     checkpoint = torch.load(checkpoints[-1], weights_only=False)

@@ -29,7 +29,6 @@ from typing import Any, Literal, NamedTuple
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from ..evaluation.digits_classifier import DigitsClassifier, DigitsFeatures, load_or_train_digits_classifier
@@ -266,7 +265,8 @@ class FIDCallback(Callback):
                 callback.log_grid(trainer, pl_module)
         if self.report and trainer.global_rank == 0:
             total = time.perf_counter() - self._fit_start if self._fit_start is not None else None
-            rank_zero_info(self.summary(trainer, results, train_seconds, total))
+            # print, not logging: the report is the demo's output and must not depend on log levels
+            print(self.summary(trainer, results, train_seconds, total), flush=True)
 
     def summary(
         self,
