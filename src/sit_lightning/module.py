@@ -219,6 +219,11 @@ class SiTModule(LightningModule):
                 latent_shape=getattr(datamodule, "latent_shape", None),
                 num_classes=getattr(datamodule, "num_classes", None),
             )
+        # The network's label-range check reads label values: one host-device sync per forward, which
+        # stalls an asynchronous GPU loop. Labels from our datamodules are checked when written, and
+        # an out-of-range label still fails inside nn.Embedding.
+        if self.device.type == "cuda":
+            self.network.check_label_range = False
 
     def check_data(self, latent_shape: Sequence[int] | None = None, num_classes: int | None = None) -> None:
         """Raise :class:`ShapeMismatchError` if data of this shape / class count cannot feed the network.

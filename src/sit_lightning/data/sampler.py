@@ -21,6 +21,7 @@ does not count), it is saved in the checkpoint (datamodule ``state_dict`` and th
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from typing import Any, NamedTuple, Protocol
 
@@ -32,6 +33,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from sit_lightning.randomness import keyed_generator
+
+# Our streams yield whole per-rank batches and split them across workers themselves, so their
+# __len__ is exact; Lightning's generic warning about IterableDataset lengths does not apply.
+warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined", module="lightning")
 
 __all__ = [
     "BatchRef",
