@@ -42,6 +42,25 @@ def _indices(indices: Sequence[int] | Tensor) -> list[int]:
     return [int(i) for i in indices]
 
 
+def _keyed_rows(
+    draw,
+    shape: Sequence[int],
+    seed: int,
+    stream: str,
+    step: int,
+    indices: Sequence[int] | Tensor,
+    device,
+    dtype,
+) -> Tensor:
+    """Stack one ``draw(shape, generator=...)`` per index, each from its own keyed generator."""
+    rows = [
+        draw(tuple(shape), generator=keyed_generator(seed, stream, step, i), dtype=torch.float32)
+        for i in _indices(indices)
+    ]
+    out = torch.stack(rows) if rows else torch.empty((0, *shape))
+    return out.to(device=device, dtype=dtype)
+
+
 def keyed_randn(
     shape: Sequence[int],
     seed: int,
@@ -53,12 +72,7 @@ def keyed_randn(
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """``(len(indices), *shape)`` standard normals; row ``i`` depends only on (seed, stream, step, indices[i])."""
-    rows = [
-        torch.randn(tuple(shape), generator=keyed_generator(seed, stream, step, i), dtype=torch.float32)
-        for i in _indices(indices)
-    ]
-    out = torch.stack(rows) if rows else torch.empty((0, *shape))
-    return out.to(device=device, dtype=dtype)
+    return _keyed_rows(torch.randn, shape, seed, stream, step, indices, device, dtype)
 
 
 def keyed_rand(
@@ -72,9 +86,4 @@ def keyed_rand(
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """``(len(indices), *shape)`` uniforms on [0, 1), keyed like :func:`keyed_randn`."""
-    rows = [
-        torch.rand(tuple(shape), generator=keyed_generator(seed, stream, step, i), dtype=torch.float32)
-        for i in _indices(indices)
-    ]
-    out = torch.stack(rows) if rows else torch.empty((0, *shape))
-    return out.to(device=device, dtype=dtype)
+    return _keyed_rows(torch.rand, shape, seed, stream, step, indices, device, dtype)
