@@ -16,6 +16,7 @@ are cached in a file keyed by a hash of the training data and the recipe.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -164,7 +165,7 @@ def load_or_train_digits_classifier(
         return model.eval().requires_grad_(False)
     model = train_digits_classifier(images, labels, recipe)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: DDP ranks may write at once
     torch.save(model.state_dict(), tmp)
     tmp.replace(path)  # atomic: a concurrent reader never sees half a file
     return model

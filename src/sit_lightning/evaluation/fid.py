@@ -24,6 +24,7 @@ other ranks), so that the summed reference equals the reference, not ``world`` c
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -105,7 +106,9 @@ def save_statistics(stats: FeatureStatistics, path: str | Path) -> Path:
     """Write statistics to ``.pt`` (the sums) or ``.npz`` (``mu``, ``sigma``, ``num_samples``; ADM-like)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    # a per-process temporary name: under DDP every rank may write the same cache file at once, and a
+    # shared temporary would be renamed away under another rank's feet
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     if path.suffix == ".npz":
         with open(tmp, "wb") as fh:
             np.savez(fh, mu=stats.mean.numpy(), sigma=stats.covariance.numpy(), num_samples=stats.num_samples)
