@@ -19,6 +19,7 @@ from batch_recorder import BatchRecorder
 from sit_lightning.cli import main
 from sit_lightning.data.sampler import GlobalBatchSampler
 from sit_lightning.data.shards import LatentShards
+from tiny_vae import save_tiny_vae
 
 CLASSES = ("cat", "dog")
 PER_CLASS = 4
@@ -39,8 +40,6 @@ def _cli(args: list[str]) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from diffusers import AutoencoderKL
-
     root = tmp_path_factory.mktemp("images")
     rng = np.random.default_rng(0)
     for name in CLASSES:
@@ -50,17 +49,7 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
             Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)).save(
                 root / name / f"{i}.png"
             )
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=16,
-    )
-    vae_dir = tmp_path_factory.mktemp("vae")
-    vae.save_pretrained(vae_dir)
+    vae_dir = save_tiny_vae(tmp_path_factory.mktemp("vae"), sample_size=16)
     out = tmp_path_factory.mktemp("latents")
     code, text = _cli(
         ["precompute-latents", str(root), str(out), "--vae", str(vae_dir), "--image_size", "16",

@@ -13,6 +13,7 @@ from PIL import Image
 from sit_lightning.data import LatentShards, precompute_latents, precompute_latents_main
 from sit_lightning.data import shards as shards_module
 from sit_lightning.data.images import center_crop_arr, load_image, scan_image_folder, to_model_input
+from tiny_vae import save_tiny_vae
 
 IMAGE_SIZE = 16
 CLASSES = ["cat", "ant", "bee"]  # unsorted on purpose: labels follow the sorted names
@@ -41,20 +42,7 @@ def image_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-    )
-    path = tmp_path_factory.mktemp("vae")
-    vae.save_pretrained(path)
-    return path
+    return save_tiny_vae(tmp_path_factory.mktemp("vae"), sample_size=32)
 
 
 def _run(image_root: Path, out: Path, vae_dir: Path, **kwargs: object):
