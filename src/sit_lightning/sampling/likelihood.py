@@ -63,7 +63,7 @@ from torch import Tensor
 from ..interpolants import VP
 from .field import VectorField
 from .grids import default_interval, time_grid
-from .ode import ADAPTIVE_METHODS, ODE_METHODS, OdeMethod, ode_step
+from .ode import ADAPTIVE_METHODS, ODE_METHODS, OdeMethod, integrate_adaptive, ode_step
 
 Divergence = Literal["exact", "hutchinson"]
 DIVERGENCES: tuple[str, ...] = get_args(Divergence)
@@ -200,21 +200,11 @@ def likelihood(
     augmented = _AugmentedField(field, x.shape, probe)
     with torch.no_grad():
         if method in ADAPTIVE_METHODS:
-            from torchdiffeq import odeint  # lazy: only adaptive methods need it
-
-            if not (atol > 0 and rtol > 0):
-                raise ValueError(f"atol and rtol must be > 0; got atol={atol}, rtol={rtol}")
-            ends = torch.tensor([t1, t0], dtype=x.dtype, device=x.device)
-            # step_t: land on t0 instead of stepping past it, so the field is never asked outside [t0, t1].
-            state = odeint(
-                lambda t, s: augmented.velocity(s, t),
-                state,
-                ends,
-                method=method,
-                atol=atol,
-                rtol=rtol,
-                options={"step_t": ends[1:]},
-            )[-1]
+            # data end -> noise end; lands on t0 exactly instead of stepping past it
+            _, path = integrate_adaptive(
+                lambda t, s: augmented.velocity(s, t), state, t1, t0, method=method, atol=atol, rtol=rtol
+            )
+            state = path[-1]
         else:
             # data end -> noise end on the sampler's uniform grid, reversed (as sample_ode(reverse=True))
             times = time_grid(t0=t0, t1=t1, steps=int(steps)).flip(0).tolist()

@@ -169,6 +169,31 @@ def _interval(field: VectorField, t0: float | None, t1: float | None) -> tuple[f
     return start, end
 
 
+def integrate_adaptive(
+    fn: Callable[[Tensor, Tensor], Tensor],
+    state: Tensor,
+    start: float,
+    end: float,
+    *,
+    method: str,
+    atol: float,
+    rtol: float,
+) -> tuple[Tensor, Tensor]:
+    """torchdiffeq's adaptive ``method`` for ``d state / dt = fn(t, state)`` from ``start`` to ``end``.
+
+    Returns ``(times, path)``: the two end times and the states there (``path[-1]`` is the result).
+    ``step_t`` makes the solver land on the end time instead of stepping past it and interpolating
+    back, so ``fn`` is never evaluated outside the interval (VP's sigma is NaN beyond t = 1).
+    """
+    from torchdiffeq import odeint  # lazy: only adaptive methods need it
+
+    if not (atol > 0 and rtol > 0):
+        raise ValueError(f"atol and rtol must be > 0; got atol={atol}, rtol={rtol}")
+    times = torch.tensor([start, end], dtype=state.dtype, device=state.device)
+    path = odeint(fn, state, times, method=method, atol=atol, rtol=rtol, options={"step_t": times[1:]})
+    return times, path
+
+
 def _sample_adaptive(
     field: VectorField,
     noise: Tensor,
@@ -180,21 +205,8 @@ def _sample_adaptive(
     return_trajectory: bool,
     nfe_before: int,
 ) -> SampleResult:
-    from torchdiffeq import odeint  # lazy: only adaptive methods need it
-
-    if not (atol > 0 and rtol > 0):
-        raise ValueError(f"atol and rtol must be > 0; got atol={atol}, rtol={rtol}")
-    times = torch.tensor([start, end], dtype=noise.dtype, device=noise.device)
-    # step_t makes the solver land on the end time instead of stepping past it and interpolating back:
-    # the field is never evaluated outside [t0, t1] (VP's sigma is NaN beyond t = 1).
-    path = odeint(
-        lambda t, x: field.velocity(x, t),
-        noise,
-        times,
-        method=method,
-        atol=atol,
-        rtol=rtol,
-        options={"step_t": times[1:]},
+    times, path = integrate_adaptive(
+        lambda t, x: field.velocity(x, t), noise, start, end, method=method, atol=atol, rtol=rtol
     )
     return SampleResult(
         samples=path[-1],
