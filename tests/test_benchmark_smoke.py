@@ -1,0 +1,111 @@
+"""CPU smoke test of benchmarks/train_throughput.py, and the training-step properties it relies on.
+
+The benchmark's numbers are only meaningful on a GPU; here a tiny SiT (depth 1, width 32) checks
+that every row is measured and written, that the MFU and the ``vs released`` ratio follow their
+formulas, and that one training step of a recipe is a real one: the paper's AdamW moves the
+weights by its learning rate and the EMA moves by exactly ``(1 - decay) (theta - ema)``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+from sit_lightning.models import SiTConfig, forward_flops
+from sit_lightning.module import PAPER_LR
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "train_throughput.py"
+TINY = {"depth": 1, "hidden_size": 32, "num_heads": 2}
+TINY_ARGS = ["--device", "cpu", "--depth", "1", "--hidden-size", "32", "--num-heads", "2"]
+EMA_DECAY = 0.75  # far from 1 so that the EMA visibly moves after one step
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("train_throughput", BENCHMARK)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rows_json_mfu_and_ratio(bench: ModuleType, tmp_path: Path) -> None:
+    peak_tflops = 0.5
+    argv = [*TINY_ARGS, "--models", "SiT-B/2:4", "--warmup", "1", "--steps", "1"]
+    argv += ["--recipes", "released,bf16", "--peak-tflops", str(peak_tflops), "--out", str(tmp_path)]
+    report = bench.main(argv)
+
+    assert [row.recipe for row in report.rows] == ["released", "bf16"]
+    flops = forward_flops(SiTConfig(depth=1, hidden_size=32, num_heads=2, patch_size=2), input_size=32)
+    by_recipe = {row.recipe: row for row in report.rows}
+    for row in report.rows:
+        assert row.error is None, row.error
+        assert row.images_per_sec is not None and math.isfinite(row.images_per_sec) and row.images_per_sec > 0
+        assert row.images_per_sec == pytest.approx(4 / (row.ms_per_step / 1e3))
+        assert row.final_loss is not None and math.isfinite(row.final_loss)
+        # MFU = 3 x forward FLOPs x img/s / peak
+        assert row.mfu == pytest.approx(3 * flops * row.images_per_sec / (peak_tflops * 1e12))
+    assert by_recipe["released"].vs_released == pytest.approx(1.0)
+    expected_ratio = by_recipe["bf16"].images_per_sec / by_recipe["released"].images_per_sec
+    assert by_recipe["bf16"].vs_released == pytest.approx(expected_ratio)
+
+    written = json.loads((tmp_path / "train_throughput.json").read_text())
+    assert [(r["recipe"], r["images_per_sec"]) for r in written["rows"]] == [
+        (row.recipe, row.images_per_sec) for row in report.rows
+    ]
+    assert written["peak_tflops"] == pytest.approx(peak_tflops)
+    table = (tmp_path / "train_throughput.md").read_text()
+    assert "| SiT-B/2 | 4 | released |" in table and "| SiT-B/2 | 4 | bf16 |" in table
+
+
+def test_time_budget_and_cpu_compile_skip(bench: ModuleType) -> None:
+    argv = [*TINY_ARGS, "--models", "SiT-S/2:2", "--recipes", "bf16_compile,released", "--steps", "1"]
+    report = bench.main(argv)
+    # the released row runs first whatever the order asked for; compile is skipped on CPU
+    assert [row.recipe for row in report.rows] == ["released", "bf16_compile"]
+    assert report.rows[0].images_per_sec is not None and report.rows[0].mfu is None  # no peak on CPU
+    assert report.rows[1].images_per_sec is None and "skipped on CPU" in report.rows[1].note
+
+    skipped = bench.main([*argv[:-2], "--steps", "1", "--time-budget", "-1"])
+    assert all(row.images_per_sec is None and "time budget" in row.note for row in skipped.rows)
+
+
+def test_unknown_recipe_is_refused(bench: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        bench.main([*TINY_ARGS, "--recipes", "released,bf17"])
+    assert "bf16_compile_device_draws" in capsys.readouterr().err  # the message lists the choices
+
+
+@pytest.mark.parametrize("recipe", ["released", "bf16"])
+def test_one_step_moves_weights_by_lr_and_ema_by_one_minus_decay(bench: ModuleType, recipe: str) -> None:
+    device = torch.device("cpu")
+    run = bench.TrainingRun(recipe, "SiT-B/2", device, bench.ArchOverrides(**TINY), ema_decay=EMA_DECAY)
+    data = bench.FixedBatch.make(4, device, seed=0)
+    params = list(run.module.parameters())
+    theta_before = [p.detach().double().clone() for p in params]
+    ema_before = [e.double().clone() for e in run.ema_tensors()]
+    for before, e in zip(theta_before, ema_before, strict=True):
+        torch.testing.assert_close(e, before, rtol=0, atol=0)  # the EMA starts as the initial weights
+
+    loss = run.step(data, 0)
+
+    assert math.isfinite(float(loss))
+    theta = [p.detach().double() for p in params]
+    # Adam's first step moves every weight with a nonzero gradient by lr * g / (|g| + eps) ~ lr.
+    largest = max(float((a - b).abs().max()) for a, b in zip(theta, theta_before, strict=True))
+    assert largest == pytest.approx(PAPER_LR, rel=1e-2)
+    ema = [e.double() for e in run.ema_tensors()]
+    moved = 0.0
+    for before, after, weight in zip(ema_before, ema, theta, strict=True):
+        expected = before + (1 - EMA_DECAY) * (weight - before)
+        torch.testing.assert_close(after, expected, rtol=0, atol=1e-8)
+        moved = max(moved, float((after - before).abs().max()))
+    assert moved == pytest.approx((1 - EMA_DECAY) * largest, rel=1e-2)
