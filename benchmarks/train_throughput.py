@@ -68,6 +68,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -249,6 +250,40 @@ class FixedBatch:
         return cls(x=x.to(device), y=y.to(device))
 
 
+def _build_module(arch: str, device: torch.device, overrides: ArchOverrides, seed: int) -> SiTModule:
+    """A SiTModule on ``device``, initialised there (seconds for SiT-XL/2 on a GPU, not tens on the CPU).
+
+    If building on the device fails, it is built on the CPU and moved (the weights' values do not
+    matter for the timings).
+    """
+
+    def build() -> SiTModule:
+        return SiTModule(
+            arch=arch,  # type: ignore[arg-type]  # checked against SIT_PRESETS when parsed
+            input_size=LATENT_SIZE,
+            in_channels=LATENT_CHANNELS,
+            num_classes=NUM_CLASSES,
+            learn_sigma=True,
+            depth=overrides.depth,
+            hidden_size=overrides.hidden_size,
+            num_heads=overrides.num_heads,
+            seed=seed,
+        )
+
+    if device.type == "cpu":
+        return build()
+    try:
+        with device:  # the default device of every factory call in the constructor
+            return build().to(device)
+    except Exception as err:
+        print(
+            f"building {arch} on {device} failed ({type(err).__name__}: {err}); building on the CPU",
+            flush=True,
+        )
+        gc.collect()
+        return build().to(device)
+
+
 class TrainingRun:
     """A fresh SiTModule with one recipe's optimizer, EMA and training step (no Lightning Trainer).
 
@@ -275,17 +310,7 @@ class TrainingRun:
         self.recipe = recipe
         self.device = device
         self.ema_decay = float(ema_decay)
-        self.module = SiTModule(
-            arch=arch,  # type: ignore[arg-type]  # checked against SIT_PRESETS when parsed
-            input_size=LATENT_SIZE,
-            in_channels=LATENT_CHANNELS,
-            num_classes=NUM_CLASSES,
-            learn_sigma=True,
-            depth=overrides.depth,
-            hidden_size=overrides.hidden_size,
-            num_heads=overrides.num_heads,
-            seed=seed,
-        ).to(device)
+        self.module = _build_module(arch, device, overrides, seed)
         self.module.train()
         if device.type == "cuda":
             self.module.network.check_label_range = False  # a host-device sync per forward otherwise
@@ -376,6 +401,7 @@ class Row:
     peak_gib: float | None = None
     vs_released: float | None = None
     final_loss: float | None = None
+    wall_s: float | None = None  # the whole recipe: build, warm-up (compile) and timed steps
     step_ms: list[float] = field(default_factory=list)
     error: str | None = None
     note: str | None = None
@@ -536,11 +562,16 @@ def main(argv: Sequence[str] | None = None) -> BenchmarkReport:
         peak_flops: float | None = args.peak_tflops * TERA
         peak_source = "--peak-tflops"
     elif device.type == "cuda":
-        peak_flops, rates = measure_peak_flops(device, size=args.peak_matmul_size)
         n = args.peak_matmul_size
-        peak_source = f"measured, best of {PEAK_TRIALS} x {PEAK_REPEATS} bf16 matmuls {n}x{n}x{n}"
-        say(f"peak bf16 matmul {n}^3: best {peak_flops / TERA:.0f} TFLOP/s "
-            f"(trials: {', '.join(f'{r / TERA:.0f}' for r in rates)})")  # fmt: skip
+        try:
+            peak_flops, rates = measure_peak_flops(device, size=n)
+            peak_source = f"measured, best of {PEAK_TRIALS} x {PEAK_REPEATS} bf16 matmuls {n}x{n}x{n}"
+            say(f"peak bf16 matmul {n}^3: best {peak_flops / TERA:.0f} TFLOP/s "
+                f"(trials: {', '.join(f'{r / TERA:.0f}' for r in rates)})")  # fmt: skip
+        except Exception as err:  # the MFU column is lost, the timings are not
+            traceback.print_exc()
+            peak_flops, peak_source = None, f"measurement failed: {type(err).__name__}"
+            _free_memory(device, compiled=False)
     else:
         peak_flops, peak_source = None, "not measured on CPU"
     overrides = ArchOverrides(args.depth, args.hidden_size, args.num_heads)
@@ -573,14 +604,18 @@ def main(argv: Sequence[str] | None = None) -> BenchmarkReport:
             elif recipe in COMPILED_RECIPES and device.type == "cpu" and not args.compile_on_cpu:
                 row.note = "skipped on CPU (use --compile-on-cpu)"
             else:
+                say(f"<!-- {spec.arch} batch {spec.batch}, {recipe}: running ({elapsed:.0f} s so far) -->")
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
+                start = time.perf_counter()
                 try:
                     _measure(recipe, spec, data[spec], args, overrides, peak_flops, row)
                 except Exception as err:  # an OOM or a compile failure is this row's result
+                    traceback.print_exc()
                     row.error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
                     if device.type == "cuda":
                         row.peak_gib = torch.cuda.max_memory_allocated(device) / GIB
+                row.wall_s = time.perf_counter() - start
                 _free_memory(device, compiled=recipe in COMPILED_RECIPES)
                 if recipe == "released" and row.images_per_sec is not None:
                     released_ips[spec] = row.images_per_sec

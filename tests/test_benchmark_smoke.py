@@ -78,6 +78,14 @@ def test_time_budget_and_cpu_compile_skip(bench: ModuleType) -> None:
     assert all(row.images_per_sec is None and "time budget" in row.note for row in skipped.rows)
 
 
+def test_a_failing_recipe_gives_an_error_row_and_the_run_goes_on(bench: ModuleType) -> None:
+    argv = ["--device", "cpu", "--depth", "1", "--hidden-size", "32", "--num-heads", "3"]  # 32 % 3 != 0
+    report = bench.main([*argv, "--models", "SiT-B/2:2", "--recipes", "released,bf16", "--steps", "1"])
+    assert [row.recipe for row in report.rows] == ["released", "bf16"]
+    for row in report.rows:
+        assert row.images_per_sec is None and row.error is not None and "divisible by num_heads" in row.error
+
+
 def test_unknown_recipe_is_refused(bench: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         bench.main([*TINY_ARGS, "--recipes", "released,bf17"])
