@@ -3,6 +3,8 @@
 Usage::
 
     python benchmarks/train_throughput.py --out results/
+    PYTHONPATH=src python3 benchmarks/train_throughput.py --time-budget 360 --out $OUT   # lent H100,
+        # package not installed: about 3-5 minutes, most of it the four torch.compile warm-ups
     python benchmarks/train_throughput.py --device cpu --depth 1 --hidden-size 32 --num-heads 2 \\
         --models SiT-B/2:4 --warmup 1 --steps 1          # CPU smoke run (seconds)
 
@@ -330,10 +332,6 @@ class TrainingRun:
             self._ema_callback._ensure(self.module)
         if recipe in COMPILED_RECIPES:
             self.module.network.compile()  # in place, as SiTModule.configure_model does
-
-    @property
-    def compiled(self) -> bool:
-        return self.recipe in COMPILED_RECIPES
 
     def ema_tensors(self) -> list[Tensor]:
         """The EMA of every parameter of the module, in ``module.parameters()`` order."""
