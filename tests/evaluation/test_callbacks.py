@@ -49,10 +49,29 @@ def fitted(tmp_path_factory):
         enable_model_summary=False, limit_val_batches=0, default_root_dir=root,
     )  # fmt: skip
     datamodule = DigitsDataModule(global_batch_size=32)
+    # record the order of the final evaluation, the final grid and Lightning's teardown (which moves the
+    # module to the CPU): on a GPU, anything after the teardown would sample on the CPU
+    events: list[str] = []
+    for owner, name in ((fid, "evaluate"), (grid, "log_grid"), (trainer.strategy, "teardown")):
+        original = getattr(owner, name)
+
+        def recorded(*args, _original=original, _name=name, **kwargs):
+            events.append(_name)
+            return _original(*args, **kwargs)
+
+        setattr(owner, name, recorded)
+    trainer.recorded_events = events
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):  # the report is printed on stdout
         trainer.fit(module, datamodule=datamodule)
     return module, trainer, grid, fid, datamodule, printed.getvalue()
+
+
+def test_final_grid_and_evaluation_run_before_the_teardown_moves_the_module(fitted):
+    trainer = fitted[1]
+    events = trainer.recorded_events
+    assert "teardown" in events and {"evaluate", "log_grid"} <= set(events), events
+    assert events.index("teardown") > max(events.index("evaluate"), events.index("log_grid")), events
 
 
 def test_grid_png_holds_the_decoded_samples(fitted):

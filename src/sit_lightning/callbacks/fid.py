@@ -1,8 +1,8 @@
 """Periodic FID (torchmetrics) and conditional accuracy of EMA samples; the digits demo's final report.
 
-Every ``every_n_steps`` optimizer steps and at the end of fit, the callback draws ``num_samples``
-samples with the EMA weights (sample ``i``: keyed noise of index ``i``, label ``i % num_classes`` or a
-keyed uniform label), decodes them, and logs for each guidance scale in ``cfg_scales``
+Every ``every_n_steps`` optimizer steps and at the end of training, the callback draws ``num_samples``
+samples with the EMA weights on the training device (sample ``i``: keyed noise of index ``i``, label
+``i % num_classes`` or a keyed uniform label), decodes them, and logs for each guidance scale in ``cfg_scales``
 
 - ``fid/cfg<scale>``: FID against the reference statistics (computed once from real data and cached
   under ``cache_dir``, keyed by data set and extractor);
@@ -71,10 +71,10 @@ def conditional_accuracy(
 
 
 class FIDCallback(Callback):
-    """FID and conditional accuracy of EMA samples, periodically and at the end of fit.
+    """FID and conditional accuracy of EMA samples, periodically and at the end of training.
 
     Args:
-        every_n_steps: period in optimizer steps; 0 evaluates only at the end of fit.
+        every_n_steps: period in optimizer steps; 0 evaluates only at the end of training.
         num_samples: samples per evaluation (2,000 = 200 per class for the digits demo).
         labels: ``balanced`` (label ``i % num_classes``) or ``uniform`` (keyed draw).
         seed: seed of the keyed noise and labels (fixed: every evaluation uses the same noise).
@@ -93,7 +93,7 @@ class FIDCallback(Callback):
         decoder: None for pixel data; a diffusers ``AutoencoderKL`` path/hub id for latents.
         latent_scale: scale factor of stored latents (VAE decoding only).
         use_ema: sample with the EMA weights.
-        report: print a summary (log dir, sample grid, scores, wall time) at the end of fit.
+        report: print a summary (log dir, sample grid, scores, wall time) at the end of training.
     """
 
     def __init__(
@@ -253,7 +253,9 @@ class FIDCallback(Callback):
         if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
             self.evaluate(trainer, pl_module)
 
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # on_train_end, not on_fit_end: Lightning's strategy teardown runs between the two and moves the
+        # module to the CPU, so a final evaluation in on_fit_end would sample a GPU run on the CPU.
         train_seconds = time.perf_counter() - self._fit_start if self._fit_start is not None else None
         if trainer.global_step != self._last_step:
             results = self.evaluate(trainer, pl_module)

@@ -31,13 +31,13 @@ def log_dir_of(trainer: pl.Trainer) -> Path:
 
 
 class SampleGridCallback(Callback):
-    """Every ``every_n_steps`` optimizer steps (and at the end of fit), sample a grid and log it.
+    """Every ``every_n_steps`` optimizer steps (and at the end of training), sample a grid and log it.
 
     The grid goes to TensorBoard (``add_image`` under ``tag`` when the logger is a
     ``TensorBoardLogger``) and to ``<log_dir>/samples/<tag>_step<step>.png``.
 
     Args:
-        every_n_steps: period in optimizer steps; 0 only logs at the end of fit.
+        every_n_steps: period in optimizer steps; 0 only logs at the end of training.
         num_per_class: samples per class, laid out class by class (cell ``i`` has label
             ``i // num_per_class``); ignored when ``labels`` is given.
         labels: explicit labels of the cells (overrides ``num_per_class``).
@@ -165,6 +165,8 @@ class SampleGridCallback(Callback):
         ):
             self.log_grid(trainer, pl_module)
 
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # on_train_end, not on_fit_end: Lightning's teardown (which moves the module to the CPU) runs
+        # between the two, and the final grid must be drawn on the training device.
         if trainer.global_step != self.last_logged_step:
             self.log_grid(trainer, pl_module)
