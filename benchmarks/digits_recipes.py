@@ -63,9 +63,18 @@ RECIPES: dict[str, list[str]] = {
         "--model.objective.init_args.time_sampler",
         json.dumps({"class_path": "sit_lightning.objective.LogitNormalTimeSampler"}),
     ],
+    "oc4e3_1500": one_cycle(4e-3, 1500),
+    "oc3e3_1200": one_cycle(3e-3, 1200),
+    "oc4e3_1200": one_cycle(4e-3, 1200),
+    "oc3e3_1000": one_cycle(3e-3, 1000),
+    "oc3e3_1500_logitnormal": one_cycle(3e-3, 1500)
+    + [
+        "--model.objective.init_args.time_sampler",
+        json.dumps({"class_path": "sit_lightning.objective.LogitNormalTimeSampler"}),
+    ],
     # cheaper steps (about 150 ms instead of 190 ms on the 2-core CPU), more of them
-    "w96_oc2e3_1800": one_cycle(2e-3, 1800) + ["--model.hidden_size", "96"],
-    "d3_oc2e3_1800": one_cycle(2e-3, 1800) + ["--model.depth", "3"],
+    "w96_oc3e3_1800": one_cycle(3e-3, 1800) + ["--model.hidden_size", "96"],
+    "d3_oc3e3_1800": one_cycle(3e-3, 1800) + ["--model.depth", "3"],
 }
 
 
