@@ -137,3 +137,41 @@ def test_inception_without_torch_fidelity_names_the_extra():
         pytest.skip("torch-fidelity is installed: the missing-extra message cannot be triggered")
     with pytest.raises(ImportError, match=r"sit-lightning\[fid\]"):
         make_fid_metric("inception")
+
+
+class DeviceProbe(nn.Module):
+    """An extractor whose weight sits on another device ("meta" stands in for a GPU on a CPU machine):
+    it records the device of every input and returns fixed CPU features or logits."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.num_features = width
+        self.weight = nn.Parameter(torch.empty(width, device="meta"))
+        self.seen: list[torch.device] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.device)
+        n = x.shape[0]
+        return torch.arange(n * self.num_features, dtype=torch.float64).reshape(n, -1) % 7
+
+
+def test_statistics_and_accuracy_send_each_batch_to_the_extractors_device():
+    # Found on an H100: the floor statistics of the CPU train split went into a GPU extractor.
+    from sit_lightning.callbacks.fid import conditional_accuracy
+
+    images = torch.zeros(10, 1, 2, 2)
+    probe = DeviceProbe(DIM)
+    stats = FIDScorer.statistics_of(probe, images, batch_size=4)
+    assert probe.seen == [torch.device("meta")] * 3
+    rows = [i for n in (4, 4, 2) for i in range(n)]  # row index within each batch of 4
+    expected = feature_statistics(
+        torch.stack([torch.arange(DIM * i, DIM * i + DIM) % 7 for i in rows]).double()
+    )
+    torch.testing.assert_close(stats.mean, expected.mean)
+    torch.testing.assert_close(stats.covariance, expected.covariance)
+
+    judge = DeviceProbe(3)  # logits of row i (within its batch) = (3i, 3i+1, 3i+2) % 7: argmax is known
+    labels = torch.tensor([int(torch.arange(3 * i, 3 * i + 3).remainder(7).argmax()) for i in rows])
+    labels[:3] = (labels[:3] + 1) % 3  # three wrong
+    assert conditional_accuracy(judge, images, labels, batch_size=4) == pytest.approx(0.7)
+    assert judge.seen == [torch.device("meta")] * 3

@@ -32,7 +32,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
 from ..evaluation.digits_classifier import DigitsClassifier, DigitsFeatures, load_or_train_digits_classifier
-from ..evaluation.fid import FIDScorer, frechet_distance, load_statistics
+from ..evaluation.fid import FIDScorer, frechet_distance, load_statistics, module_device
 from ..evaluation.images import LatentDecoder, make_decoder
 from ..evaluation.sample_plan import LabelMode, generate, rank_share, sample_labels
 from .sample_grid import SampleGridCallback, log_dir_of
@@ -62,9 +62,13 @@ class SampleQuality(NamedTuple):
 def conditional_accuracy(
     classifier: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 1000
 ) -> float:
-    """Share of ``images`` that ``classifier`` (``images -> logits``) assigns to ``labels``."""
+    """Share of ``images`` that ``classifier`` (``images -> logits``) assigns to ``labels``.
+
+    Each batch is moved to the classifier's device, wherever ``images`` and ``labels`` live.
+    """
+    device = module_device(classifier, default=images.device)
     correct = sum(
-        int((classifier(x).argmax(dim=1) == y.to(x.device)).sum())
+        int((classifier(x.to(device)).argmax(dim=1).cpu() == y.cpu()).sum())
         for x, y in zip(images.split(batch_size), labels.split(batch_size), strict=True)
     )
     return correct / max(len(labels), 1)

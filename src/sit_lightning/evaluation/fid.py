@@ -24,6 +24,7 @@ other ranks), so that the summed reference equals the reference, not ``world`` c
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -35,13 +36,14 @@ from torch import Tensor, nn
 from .images import PIXEL_RANGE, to_uint8
 
 __all__ = [
-    "FIDScorer",
-    "FeatureStatistics",
-    "INCEPTION_FEATURES",
     "feature_statistics",
+    "FeatureStatistics",
+    "FIDScorer",
     "frechet_distance",
+    "INCEPTION_FEATURES",
     "load_statistics",
     "make_fid_metric",
+    "module_device",
     "save_statistics",
 ]
 
@@ -82,6 +84,13 @@ class FeatureStatistics(NamedTuple):
         cov = torch.as_tensor(cov, dtype=torch.float64)
         n = int(num_samples)
         return cls(mean * n, cov * (n - 1) + n * torch.outer(mean, mean), n)
+
+
+def module_device(module: nn.Module, default: torch.device | str = "cpu") -> torch.device:
+    """The device of ``module``'s first parameter or buffer (``default`` for a module without any)."""
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        return tensor.device
+    return torch.device(default)
 
 
 def feature_statistics(features: Tensor) -> FeatureStatistics:
@@ -248,7 +257,10 @@ class FIDScorer:
         """The feature statistics of a set of images ``(N, C, H, W)`` in [-1, 1]."""
         metric = make_fid_metric(feature)
         extractor = metric.inception
-        feats = [extractor(chunk).double() for chunk in images.split(batch_size)]
+        # chunks go to the extractor's device (the real images stay on the CPU while the extractor
+        # may already sit on the training GPU); the statistics are accumulated on the CPU in float64
+        device = module_device(extractor, default=images.device)
+        feats = [extractor(chunk.to(device)).double().cpu() for chunk in images.split(batch_size)]
         return feature_statistics(torch.cat(feats))
 
     @classmethod

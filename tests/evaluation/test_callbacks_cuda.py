@@ -1,0 +1,51 @@
+"""On a GPU: the periodic and final FID and the grid run on the training device (skipped without CUDA).
+
+Two bugs of this kind were found only on an H100: the final evaluation ran after Lightning's teardown
+had moved the module to the CPU, and the CPU train split met a GPU extractor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+
+from sit_lightning.callbacks import EMACallback
+from sit_lightning.callbacks.fid import FIDCallback
+from sit_lightning.callbacks.sample_grid import SampleGridCallback
+from sit_lightning.data import DigitsDataModule
+from sit_lightning.module import SiTModule
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_fid_and_grid_sample_on_the_gpu(tmp_path):
+    module = SiTModule(
+        arch="SiT-S/2", input_size=8, in_channels=1, num_classes=10, learn_sigma=False,
+        depth=1, hidden_size=32, num_heads=2, patch_size=4,
+    )  # fmt: skip
+    sampler = dict(sampler="ode", steps=2, method="euler")
+    fid = FIDCallback(every_n_steps=2, num_samples=40, cfg_scales=[1.0, 2.0], batch_size=16, **sampler)
+    grid = SampleGridCallback(every_n_steps=2, num_per_class=1, **sampler)
+    devices: list[str] = []
+    for owner, name in ((fid, "evaluate"), (grid, "log_grid")):
+        original = getattr(owner, name)
+
+        def recorded(trainer, pl_module, _original=original):
+            devices.append(next(pl_module.parameters()).device.type)
+            return _original(trainer, pl_module)
+
+        setattr(owner, name, recorded)
+    trainer = Trainer(
+        max_steps=3, accelerator="gpu", devices=1, callbacks=[EMACallback(decay=0.9), fid, grid],
+        enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()):
+        trainer.fit(module, datamodule=DigitsDataModule(global_batch_size=16))
+    assert devices == ["cuda"] * 4, devices  # step 2 (FID, grid) and the end (FID, grid)
+    final = [r for step, r in fid.history if step == 3]
+    assert len(final) == 2 and all(0.0 <= r.conditional_accuracy <= 1.0 for r in final)
