@@ -20,7 +20,7 @@ from typing import Any
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from .module import ShapeMismatchError, SiTModule
+from .module import ConfigurationError, SiTModule
 
 __all__ = ["PRECOMPUTE_SUBCOMMAND", "SiTLightningCLI", "main"]
 
@@ -63,7 +63,8 @@ def main(args: list[str] | None = None) -> int:
 
     Returns:
         the exit status (0). Parse errors exit through ``SystemExit`` with jsonargparse's message; a data
-        set that does not fit the model exits with status 2 and a one-line message.
+        set that does not fit the model, or a schedule shorter than ``trainer.max_steps``, exits with
+        status 2 and a one-line message.
     """
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] == PRECOMPUTE_SUBCOMMAND:
@@ -81,7 +82,7 @@ def main(args: list[str] | None = None) -> int:
             parser_kwargs={"prog": "sit-lightning", "description": _DESCRIPTION},
             args=args,  # None: LightningCLI reads sys.argv itself (and does not warn about both)
         )
-    except ShapeMismatchError as err:
+    except ConfigurationError as err:
         print(f"sit-lightning: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     return 0

@@ -25,6 +25,7 @@ from .objective import TrainingObjective
 from .randomness import keyed_generator, keyed_rand, keyed_randn
 
 __all__ = [
+    "ConfigurationError",
     "LossProfile",
     "SiTModule",
     "SiTPreset",
@@ -93,7 +94,11 @@ class PaperAdamW(torch.optim.AdamW):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused or None)
 
 
-class ShapeMismatchError(ValueError):
+class ConfigurationError(ValueError):
+    """Parts of a run's configuration do not fit together (the CLI prints it as one line)."""
+
+
+class ShapeMismatchError(ConfigurationError):
     """The data do not fit the network (latent shape or number of classes)."""
 
 
@@ -267,7 +272,24 @@ class SiTModule(LightningModule):
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
+        self._check_schedule_length(scheduler)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _check_schedule_length(self, scheduler: Any) -> None:
+        """A schedule of fixed length (``OneCycleLR``'s ``total_steps``) must cover ``trainer.max_steps``.
+
+        Otherwise torch fails only when the schedule runs out, deep inside a long run.
+        """
+        total = getattr(scheduler, "total_steps", None)
+        if not isinstance(total, int) or self._trainer is None:
+            return
+        max_steps = self.trainer.max_steps
+        if max_steps is None or max_steps < 0 or max_steps > total:
+            raise ConfigurationError(
+                f"the learning-rate schedule {type(scheduler).__name__} lasts total_steps={total} optimizer "
+                f"steps but trainer.max_steps is {max_steps}; set trainer.max_steps <= {total} or raise "
+                f"the schedule's total_steps to trainer.max_steps"
+            )
 
     # ---- training ------------------------------------------------------------------------------
     def training_draws(self, batch: dict[str, Tensor], step: int) -> TrainingDraws:

@@ -125,6 +125,17 @@ def test_data_that_does_not_fit_the_model_is_a_one_line_error(tmp_path) -> None:
     assert "Traceback" not in err
 
 
+def test_a_schedule_shorter_than_the_run_is_a_one_line_error(tmp_path) -> None:
+    # the demo's OneCycleLR lasts 1,200 steps; torch itself would fail only at step 1,201
+    code, _, err = _run(
+        ["fit", "--config", str(CONFIGS / "digits.yaml"), "--trainer.max_steps", "1201",
+         "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"]
+    )  # fmt: skip
+    assert code == 2
+    assert "OneCycleLR lasts total_steps=1200 optimizer steps but trainer.max_steps is 1201" in err
+    assert "Traceback" not in err
+
+
 def _smoke_callbacks() -> str:
     """The demo's callbacks (same order, same classes) with sizes small enough for CI."""
     demo = yaml.safe_load((CONFIGS / "digits.yaml").read_text())["trainer"]["callbacks"]
