@@ -136,6 +136,15 @@ def test_a_schedule_shorter_than_the_run_is_a_one_line_error(tmp_path) -> None:
     assert "Traceback" not in err
 
 
+def test_the_demo_checkpoints_its_final_weights() -> None:
+    # the report scores the weights of the last step; the notebook loads the newest checkpoint
+    config = yaml.safe_load((CONFIGS / "digits.yaml").read_text())
+    trainer = config["trainer"]
+    (checkpoint,) = [c for c in trainer["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
+    assert trainer["max_steps"] % checkpoint["init_args"]["every_n_train_steps"] == 0
+    assert config["model"]["lr_scheduler"]["init_args"]["total_steps"] == trainer["max_steps"]
+
+
 def _smoke_callbacks() -> str:
     """The demo's callbacks (same order, same classes) with sizes small enough for CI."""
     demo = yaml.safe_load((CONFIGS / "digits.yaml").read_text())["trainer"]["callbacks"]
