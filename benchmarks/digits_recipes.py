@@ -65,6 +65,12 @@ def warmup_constant(lr: float, steps: int, warmup: int = 100) -> list[str]:
     ]
 
 
+#: overrides for logit-normal (mean 0, std 1) training times instead of uniform ones
+LOGIT_NORMAL_TIME = [
+    "--model.objective.init_args.time_sampler",
+    json.dumps({"class_path": "sit_lightning.objective.LogitNormalTimeSampler"}),
+]
+
 #: name -> CLI overrides on top of configs/digits.yaml (each sets its own steps and schedule, so the
 #: names keep their meaning when the config's defaults change)
 RECIPES: dict[str, list[str]] = {
@@ -75,20 +81,12 @@ RECIPES: dict[str, list[str]] = {
     "oc3e3_1500": one_cycle(3e-3, 1500),
     "oc2e3_1200": one_cycle(2e-3, 1200),
     "oc2e3_1500_ema099": one_cycle(2e-3, 1500),
-    "oc2e3_1500_logitnormal": one_cycle(2e-3, 1500)
-    + [
-        "--model.objective.init_args.time_sampler",
-        json.dumps({"class_path": "sit_lightning.objective.LogitNormalTimeSampler"}),
-    ],
+    "oc2e3_1500_logitnormal": one_cycle(2e-3, 1500) + LOGIT_NORMAL_TIME,
     "oc4e3_1500": one_cycle(4e-3, 1500),
     "oc3e3_1200": one_cycle(3e-3, 1200),
     "oc4e3_1200": one_cycle(4e-3, 1200),
     "oc3e3_1000": one_cycle(3e-3, 1000),
-    "oc3e3_1500_logitnormal": one_cycle(3e-3, 1500)
-    + [
-        "--model.objective.init_args.time_sampler",
-        json.dumps({"class_path": "sit_lightning.objective.LogitNormalTimeSampler"}),
-    ],
+    "oc3e3_1500_logitnormal": one_cycle(3e-3, 1500) + LOGIT_NORMAL_TIME,
     # cheaper steps (about 150 ms instead of 190 ms on the 2-core CPU), more of them
     "w96_oc3e3_1800": one_cycle(3e-3, 1800) + ["--model.hidden_size", "96"],
     "d3_oc3e3_1800": one_cycle(3e-3, 1800) + ["--model.depth", "3"],
