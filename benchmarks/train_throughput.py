@@ -26,12 +26,14 @@ Recipes:
 - ``bf16``: our training path: ``torch.autocast(dtype=bfloat16)`` around forward + loss,
   :class:`~sit_lightning.module.PaperAdamW` (fused on CUDA), the EMA of
   :class:`~sit_lightning.callbacks.EMACallback` (one ``torch._foreach_lerp_``), and the keyed draws of
-  :meth:`SiTModule.training_draws` (made on the CPU per sample, then copied to the device; the batch's
-  ``key`` tensor lives on the device, as after Lightning's batch transfer).
+  :meth:`SiTModule.training_draws` (Philox on the device, the whole batch at once; the batch's ``key``
+  tensor lives on the device, as after Lightning's batch transfer).
 - ``bf16_compile``: ``bf16`` plus ``module.network.compile()`` in place (as ``SiTModule.configure_model``
   does); the compilation happens in the warm-up steps.
-- ``bf16_compile_device_draws``: ``bf16_compile`` with t, noise and label dropout drawn on the device
-  by torch ops: the difference to ``bf16_compile`` is the cost of our CPU keyed draws.
+- ``bf16_compile_unkeyed``: ``bf16_compile`` with t, noise and label dropout drawn by ``torch.rand`` /
+  ``torch.randn`` from the device's global generator: the difference to ``bf16_compile`` is the cost
+  of keying the draws by sample (up to 2026-11-26 the keyed draws were made per sample on the CPU and
+  this recipe was called ``bf16_compile_device_draws``).
 
 The Lightning Trainer is not used: its loop, logging and callback hooks add their own overhead per
 step (a few ms), which this benchmark leaves out so that only the recipes differ. On CUDA the
@@ -95,11 +97,11 @@ __all__ = [
     "measure_peak_flops",
 ]
 
-Recipe = Literal["released", "bf16", "bf16_compile", "bf16_compile_device_draws"]
+Recipe = Literal["released", "bf16", "bf16_compile", "bf16_compile_unkeyed"]
 RECIPES: tuple[Recipe, ...] = get_args(Recipe)
-COMPILED_RECIPES: frozenset[Recipe] = frozenset({"bf16_compile", "bf16_compile_device_draws"})
-#: Recipes whose t / noise / label dropout are drawn by torch ops on the device (no keyed draws).
-DEVICE_DRAW_RECIPES: frozenset[Recipe] = frozenset({"released", "bf16_compile_device_draws"})
+COMPILED_RECIPES: frozenset[Recipe] = frozenset({"bf16_compile", "bf16_compile_unkeyed"})
+#: Recipes whose t / noise / label dropout come from the device's global generator (not keyed).
+UNKEYED_RECIPES: frozenset[Recipe] = frozenset({"released", "bf16_compile_unkeyed"})
 
 DEFAULT_MODELS = "SiT-B/2:256,SiT-XL/2:64"
 #: Latents of 256 px images through the SD VAE (4 x 32 x 32) and ImageNet's classes, as released.
@@ -348,7 +350,7 @@ class TrainingRun:
     def _draws(self, data: FixedBatch, step: int) -> tuple[Tensor, Tensor, Tensor | None]:
         """``(t, x_0, drop_labels)`` of the recipe; ``drop_labels`` None lets the network draw it."""
         x_1, n = data.x, len(data.x)
-        if self.recipe in DEVICE_DRAW_RECIPES:
+        if self.recipe in UNKEYED_RECIPES:
             t = self.module.objective.sample_time(n, device=x_1.device)  # torch.rand on the device
             x_0 = torch.randn_like(x_1)
             if self.recipe == "released":

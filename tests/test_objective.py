@@ -74,6 +74,44 @@ def test_time_samplers_stay_in_interval_and_follow_their_law() -> None:
     assert t.min() >= 0.1 and t.max() <= 0.9
 
 
+def test_time_samplers_are_maps_of_standard_variates() -> None:
+    """``from_base`` is the sampler's law as a map, and the objective's ``time_from_base`` rescales it."""
+    z = torch.linspace(-4, 4, 101, dtype=torch.float64)
+    sampler = LogitNormalTimeSampler(mean=0.5, std=0.8)
+    assert sampler.base == "normal" and UniformTimeSampler.base == "uniform"
+    torch.testing.assert_close(
+        sampler.from_base(z), 1 / (1 + torch.exp(-(0.5 + 0.8 * z))), rtol=1e-12, atol=0
+    )
+    u = torch.linspace(0, 1, 11, dtype=torch.float64)
+    assert torch.equal(UniformTimeSampler().from_base(u), u)
+    obj = TrainingObjective("vp", "score")  # train interval (0, 1 - 1e-5)
+    t0, t1 = obj.train_interval()
+    torch.testing.assert_close(obj.time_from_base(u), t0 + (t1 - t0) * u, rtol=1e-12, atol=0)
+    # sample_unit is from_base of the generator's variates of the right kind
+    g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    assert torch.equal(sampler.sample_unit(7, generator=g1), sampler.from_base(torch.randn(7, generator=g2)))
+
+
+def test_a_custom_time_sampler_writes_only_its_map_and_a_valid_base() -> None:
+    from sit_lightning.objective import TimeSampler
+
+    class Cosh(TimeSampler):
+        base = "normal"
+
+        def from_base(self, z):
+            return torch.sigmoid(2 * z)
+
+    g = torch.Generator().manual_seed(0)
+    assert Cosh().sample_unit(5, generator=g).shape == (5,)
+    with pytest.raises(TypeError, match=r"Bad.base must be one of \('uniform', 'normal'\); got 'beta'"):
+
+        class Bad(TimeSampler):
+            base = "beta"
+
+            def from_base(self, z):
+                return z
+
+
 def test_weights_closed_form_for_linear() -> None:
     t = torch.linspace(0.01, 0.99, 50, dtype=torch.float64)
     w_vel = TrainingObjective("linear", "score", "velocity").weight(t)

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .models import SIT_PRESETS, SiT
 from .objective import TrainingObjective
-from .randomness import keyed_generator, keyed_rand, keyed_randn
+from .randomness import keyed_rand, keyed_randn
 
 __all__ = [
     "ConfigurationError",
@@ -299,21 +299,17 @@ class SiTModule(LightningModule):
         rank, the worker or the other samples of the batch.
         """
         x_1, keys = batch["x"], batch["key"]
-        t = self._keyed_times(_STREAM_TIME, step, keys)
-        x_0 = keyed_randn(x_1.shape[1:], self.seed, _STREAM_NOISE, step, keys)
-        u = keyed_rand((), self.seed, _STREAM_LABEL_DROP, step, keys)
+        device = x_1.device  # drawn where the batch is: no host round trip, no per-sample loop
+        t = self._keyed_times(_STREAM_TIME, step, keys, device)
+        x_0 = keyed_randn(x_1.shape[1:], self.seed, _STREAM_NOISE, step, keys, device=device)
+        u = keyed_rand((), self.seed, _STREAM_LABEL_DROP, step, keys, device=device)
         drop = u < self.network.class_dropout_prob
-        return TrainingDraws(
-            t=t.to(x_1.device, x_1.dtype), x_0=x_0.to(x_1.device, x_1.dtype), drop_labels=drop.to(x_1.device)
-        )
+        return TrainingDraws(t=t.to(x_1.dtype), x_0=x_0.to(x_1.dtype), drop_labels=drop)
 
-    def _keyed_times(self, stream: str, step: int, keys: Tensor) -> Tensor:
-        """``(N,)`` times of the objective's time sampler, row ``i`` keyed by ``keys[i]``."""
-        times = [
-            self.objective.sample_time(1, generator=keyed_generator(self.seed, stream, step, k))
-            for k in keys.tolist()
-        ]
-        return torch.cat(times) if times else torch.empty(0)
+    def _keyed_times(self, stream: str, step: int, keys: Tensor, device: torch.device) -> Tensor:
+        """``(N,)`` float32 times of the objective's time sampler, row ``i`` keyed by ``keys[i]``."""
+        draw = keyed_rand if self.objective.time_sampler.base == "uniform" else keyed_randn
+        return self.objective.time_from_base(draw((), self.seed, stream, step, keys, device=device))
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         draws = self.training_draws(batch, self.global_step)
@@ -334,14 +330,16 @@ class SiTModule(LightningModule):
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         x_1, y, keys = batch["x"], batch["y"], batch["key"]
         # The plain objective at keyed times (comparable across runs), then L_t at fixed bin centres.
-        t = self._keyed_times(_STREAM_VAL_TIME, 0, keys)
-        x_0 = keyed_randn(x_1.shape[1:], self.seed, _STREAM_VAL_NOISE, 0, keys).to(x_1.device, x_1.dtype)
-        loss = self.objective.loss(self.network, x_1, t=t.to(x_1.device), x_0=x_0, y=y).loss.mean()
+        t = self._keyed_times(_STREAM_VAL_TIME, 0, keys, x_1.device)
+        x_0 = keyed_randn(x_1.shape[1:], self.seed, _STREAM_VAL_NOISE, 0, keys, device=x_1.device).to(
+            x_1.dtype
+        )
+        loss = self.objective.loss(self.network, x_1, t=t, x_0=x_0, y=y).loss.mean()
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(keys))
         interpolant = self.objective.interpolant
         for k, t_k in enumerate(self._profile_times.tolist()):
-            x_0 = keyed_randn(x_1.shape[1:], self.seed, _STREAM_VAL_NOISE, k + 1, keys).to(
-                x_1.device, x_1.dtype
+            x_0 = keyed_randn(x_1.shape[1:], self.seed, _STREAM_VAL_NOISE, k + 1, keys, device=x_1.device).to(
+                x_1.dtype
             )
             t_vec = torch.full((len(keys),), t_k, device=x_1.device, dtype=x_1.dtype)
             x_t = interpolant.interpolate(x_0, x_1, t_vec)

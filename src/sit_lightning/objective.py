@@ -22,7 +22,8 @@ A velocity model has only the plain loss; asking for a weighting raises ``ValueE
 being silently ignored as in the released code.
 
 Every random draw (``t`` and ``x_0``) either comes from a ``torch.Generator`` or is passed in, so a
-caller (the LightningModule) can key draws by seed, step and sample index.
+caller (the LightningModule) can key draws by seed, step and sample index; a time sampler is a map
+of standard variates (``TimeSampler.from_base``) so that the caller can draw those variates itself.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import ClassVar, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -53,6 +54,7 @@ __all__ = [
     "LogitNormalTimeSampler",
     "LossOutput",
     "LossWeight",
+    "TIME_SAMPLER_BASES",
     "TRAIN_PREDICTIONS",
     "TimeSampler",
     "TrainPrediction",
@@ -78,12 +80,35 @@ def default_eps(interpolant: Interpolant, prediction: str) -> tuple[float, float
 # ------------------------------------------------------------------------------------------------
 # Time samplers: draw u in [0, 1]; the objective maps u onto its training interval [t0, t1].
 # ------------------------------------------------------------------------------------------------
+#: the kinds of standard variates a :class:`TimeSampler` can map.
+TIME_SAMPLER_BASES = ("uniform", "normal")
+
+
 class TimeSampler(ABC):
-    """Strategy that draws training times as fractions ``u`` in [0, 1] of the training interval."""
+    """Strategy that draws training times as fractions ``u`` in [0, 1] of the training interval.
+
+    A sampler is a map :meth:`from_base` of standard variates of one kind, named by the class
+    attribute ``base``: ``"uniform"`` (U[0, 1)) or ``"normal"`` (N(0, 1)). The training module draws
+    those variates keyed by sample (:mod:`sit_lightning.randomness`) and maps them, so a subclass
+    only writes the map.
+    """
+
+    #: the standard variate :meth:`from_base` maps: ``"uniform"`` on [0, 1) or ``"normal"``.
+    base: ClassVar[str] = "uniform"
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.base not in TIME_SAMPLER_BASES:
+            raise TypeError(f"{cls.__name__}.base must be one of {TIME_SAMPLER_BASES}; got {cls.base!r}")
 
     @abstractmethod
+    def from_base(self, z: Tensor) -> Tensor:
+        """Fractions ``u`` in [0, 1], elementwise, from standard variates ``z`` of kind ``base``."""
+
     def sample_unit(self, n: int, *, generator: torch.Generator | None = None, device=None) -> Tensor:
-        """``(n,)`` float32 values in [0, 1]."""
+        """``(n,)`` float32 values in [0, 1]: ``from_base`` of fresh variates from ``generator``."""
+        draw = torch.rand if self.base == "uniform" else torch.randn
+        return self.from_base(draw(n, generator=generator, device=device))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -92,8 +117,8 @@ class TimeSampler(ABC):
 class UniformTimeSampler(TimeSampler):
     """``u ~ U[0, 1)`` (the SiT paper)."""
 
-    def sample_unit(self, n: int, *, generator: torch.Generator | None = None, device=None) -> Tensor:
-        return torch.rand(n, generator=generator, device=device)
+    def from_base(self, z: Tensor) -> Tensor:
+        return z
 
 
 class LogitNormalTimeSampler(TimeSampler):
@@ -113,8 +138,9 @@ class LogitNormalTimeSampler(TimeSampler):
         self.mean = float(mean)
         self.std = float(std)
 
-    def sample_unit(self, n: int, *, generator: torch.Generator | None = None, device=None) -> Tensor:
-        z = torch.randn(n, generator=generator, device=device)
+    base: ClassVar[str] = "normal"
+
+    def from_base(self, z: Tensor) -> Tensor:
         return torch.sigmoid(self.mean + self.std * z)
 
     def __repr__(self) -> str:
@@ -207,6 +233,11 @@ class TrainingObjective:
         t0, t1 = self.train_interval()
         u = self.time_sampler.sample_unit(n, generator=generator, device=device)
         return t0 + (t1 - t0) * u
+
+    def time_from_base(self, z: Tensor) -> Tensor:
+        """Training times on ``train_interval()`` from standard variates of the time sampler's ``base``."""
+        t0, t1 = self.train_interval()
+        return t0 + (t1 - t0) * self.time_sampler.from_base(z)
 
     # ---- targets and weights ------------------------------------------------------------------
     def target(self, x_0: Tensor, x_1: Tensor, t: Tensor) -> Tensor:

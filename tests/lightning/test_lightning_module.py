@@ -45,6 +45,28 @@ def test_label_dropout_rate_and_time_range_follow_the_configuration() -> None:
     assert abs(draws.t.mean().item() - (t0 + t1) / 2) < 4 * (t1 - t0) / math.sqrt(12 * 4000)
 
 
+def test_training_draws_are_made_on_the_batch_device_in_one_go() -> None:
+    """A batch on the meta device: any per-sample loop or host copy of the keys would raise."""
+    module = SiTModule(**TINY_MODEL)
+    batch = {"x": torch.empty(64, 4, 8, 8, device="meta"), "key": torch.arange(64, device="meta")}
+    draws = module.training_draws(batch, step=3)
+    assert {draws.t.device.type, draws.x_0.device.type, draws.drop_labels.device.type} == {"meta"}
+    assert draws.x_0.shape == (64, 4, 8, 8) and draws.t.shape == (64,)
+
+
+def test_keyed_logit_normal_times_follow_their_law() -> None:
+    """The keyed times of a ``base = "normal"`` sampler: logit(t) ~ N(mean, std), by moments."""
+    from sit_lightning.objective import LogitNormalTimeSampler
+
+    objective = TrainingObjective("linear", time_sampler=LogitNormalTimeSampler(mean=0.5, std=0.8))
+    module = SiTModule(**TINY_MODEL, objective=objective)
+    n = 20_000
+    t = module.training_draws(_batch([0]) | {"key": torch.arange(n)}, step=0).t.double()
+    z = torch.log(t) - torch.log1p(-t)
+    assert abs(z.mean().item() - 0.5) < 5 * 0.8 / math.sqrt(n)
+    assert abs(z.std().item() - 0.8) < 5 * 0.8 / math.sqrt(2 * n)
+
+
 def test_training_step_is_the_objective_loss_at_the_keyed_draws() -> None:
     module = SiTModule(**TINY_MODEL)
     batch = _batch([1, 2, 3, 4])

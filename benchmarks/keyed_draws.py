@@ -1,0 +1,129 @@
+"""Cost of the keyed training draws: per-sample generators (before) against vectorised Philox (now).
+
+Usage::
+
+    python benchmarks/keyed_draws.py                       # CPU, and CUDA when present
+    python benchmarks/keyed_draws.py --batches 256x4x32x32 --device cuda --reps 50
+
+For each batch shape ``N x C x H x W`` it times, in one process, three ways to make the draws of one
+training step (a time ``t``, a noise ``x_0`` like the latents, and a label-dropout uniform per sample):
+
+- ``per_sample_generator``: what ``SiTModule.training_draws`` did before: one CPU ``torch.Generator``
+  per sample and stream, seeded by a BLAKE2b hash, the keys copied to the host with ``.tolist()`` and
+  the draws copied to the device (written out below as the reference of this benchmark);
+- ``philox``: ``SiTModule.training_draws`` now: :mod:`sit_lightning.randomness`, the whole batch at once
+  on the device of the keys;
+- ``unkeyed``: ``torch.rand`` / ``torch.randn`` on the device with the device's global generator
+  (what the released code does): the floor, but its numbers depend on the number of processes.
+
+Each entry is the median over ``--reps`` timed repetitions after ``--warmup``, with the device
+synchronised around each one. Timings on a shared machine are noisy: read the ratios in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from sit_lightning.module import SiTModule
+from sit_lightning.randomness import keyed_generator
+
+DEFAULT_BATCHES = "256x4x32x32,64x4x32x32,128x1x8x8"
+SEED = 0
+STEP = 1234
+
+
+def per_sample_generator_draws(x_1: Tensor, keys: Tensor, step: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The previous keyed draws: one CPU generator per (sample, stream), stacked, then copied."""
+    rows_t, rows_x0, rows_u = [], [], []
+    for k in keys.tolist():
+        rows_t.append(torch.rand(1, generator=keyed_generator(SEED, "train_time", step, k)))
+        rows_x0.append(
+            torch.randn(tuple(x_1.shape[1:]), generator=keyed_generator(SEED, "train_noise", step, k))
+        )
+        rows_u.append(torch.rand((), generator=keyed_generator(SEED, "train_label_drop", step, k)))
+    t = torch.cat(rows_t).to(x_1.device)
+    x_0 = torch.stack(rows_x0).to(x_1.device)
+    drop = torch.stack(rows_u).to(x_1.device) < 0.1
+    return t, x_0, drop
+
+
+def _time(fn: Callable[[], object], device: torch.device, warmup: int, reps: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _parse_batch(text: str) -> tuple[int, ...]:
+    parts = text.strip().split("x")
+    if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"batch {text!r} must be NxCxHxW with positive integers")
+    return tuple(int(p) for p in parts)
+
+
+def measure(shape: tuple[int, ...], device: torch.device, warmup: int, reps: int) -> dict[str, float]:
+    """Median seconds of each way of drawing one step's ``(t, x_0, drop)`` for a batch of ``shape``."""
+    module = SiTModule(arch="SiT-S/2", input_size=shape[2], in_channels=shape[1], num_classes=10, seed=SEED)
+    x_1 = torch.zeros(shape, device=device)
+    keys = torch.arange(STEP * shape[0], (STEP + 1) * shape[0], device=device)
+    batch = {"x": x_1, "key": keys}
+
+    def unkeyed() -> None:
+        torch.rand(shape[0], device=device)
+        torch.randn_like(x_1)
+        torch.rand(shape[0], device=device)
+
+    return {
+        "per_sample_generator": _time(
+            lambda: per_sample_generator_draws(x_1, keys, STEP), device, warmup, reps
+        ),
+        "philox": _time(lambda: module.training_draws(batch, STEP), device, warmup, reps),
+        "unkeyed": _time(unkeyed, device, warmup, reps),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--batches", default=DEFAULT_BATCHES, help="comma-separated NxCxHxW shapes")
+    parser.add_argument("--device", action="append", default=None, help="cpu / cuda (repeatable)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=20)
+    args = parser.parse_args(argv)
+    shapes = [_parse_batch(b) for b in args.batches.split(",") if b.strip()]
+    devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    rows: list[dict[str, object]] = []
+    print(
+        "| device | batch | per-sample generators ms | philox ms | unkeyed ms | speed-up | philox / unkeyed |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for name in devices:
+        device = torch.device(name)
+        for shape in shapes:
+            t = measure(shape, device, args.warmup, args.reps)
+            row = {"device": name, "batch": "x".join(map(str, shape)), **t}
+            rows.append(row)
+            print(
+                f"| {name} | {row['batch']} | {1e3 * t['per_sample_generator']:.2f} | {1e3 * t['philox']:.2f} "
+                f"| {1e3 * t['unkeyed']:.2f} | {t['per_sample_generator'] / t['philox']:.1f}x "
+                f"| {t['philox'] / t['unkeyed']:.1f}x |",
+                flush=True,
+            )
+    return rows
+
+
+if __name__ == "__main__":
+    main()
