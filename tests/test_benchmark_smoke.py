@@ -117,3 +117,22 @@ def test_one_step_moves_weights_by_lr_and_ema_by_one_minus_decay(bench: ModuleTy
         torch.testing.assert_close(after, expected, rtol=0, atol=1e-8)
         moved = max(moved, float((after - before).abs().max()))
     assert moved == pytest.approx((1 - EMA_DECAY) * largest, rel=1e-2)
+
+
+def test_keyed_draws_benchmark_runs_and_its_reference_is_the_old_per_sample_law(capsys) -> None:
+    """benchmarks/keyed_draws.py: every row measured; its 'before' reference draws the same laws."""
+    path = BENCHMARK.parent / "keyed_draws.py"
+    spec = importlib.util.spec_from_file_location("keyed_draws", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--batches", "8x1x4x4,2x4x8x8", "--device", "cpu", "--warmup", "0", "--reps", "1"])
+    assert [row["batch"] for row in rows] == ["8x1x4x4", "2x4x8x8"]
+    for row in rows:
+        assert all(row[k] > 0 for k in ("per_sample_generator", "philox", "unkeyed"))
+    assert "| cpu | 2x4x8x8 |" in capsys.readouterr().out
+    keys = torch.arange(2000)
+    t, x_0, drop = bench.per_sample_generator_draws(torch.zeros(2000, 1, 4, 4), keys, step=1)
+    assert t.shape == (2000,) and x_0.shape == (2000, 1, 4, 4) and drop.shape == (2000,)
+    assert abs(t.mean().item() - 0.5) < 5 / math.sqrt(12 * 2000)
+    assert abs(x_0.std().item() - 1) < 0.05

@@ -97,7 +97,7 @@ def philox4x32(counter: Words, key: tuple[int, int], rounds: int = PHILOX_ROUNDS
     return c0, c1, c2, c3
 
 
-#: On the CPU the generator runs over chunks of this many counters, which stay in cache (about 2x
+#: On the CPU the generator runs over chunks of this many counters, which stay in cache (about 1.4x
 #: faster than one pass over a large batch); other devices take the whole batch in one pass.
 CPU_CHUNK = 1 << 16
 
@@ -137,8 +137,8 @@ def keyed_bits(
     key = keyed_seed(seed, stream, step)
     key_words = (key & _MASK32, key >> 32)
     # counter of (row, block): (block, index mod 2^32, index div 2^32, 0), flattened row-major
-    block = torch.arange(n_blocks, device=idx.device, dtype=torch.int64).repeat(n_rows)
-    row = idx.repeat_interleave(n_blocks)
+    block = torch.arange(n_blocks, device=idx.device, dtype=torch.int64).expand(n_rows, n_blocks).reshape(-1)
+    row = idx.unsqueeze(1).expand(n_rows, n_blocks).reshape(-1)
     counter = (block, row & _MASK32, (row >> 32) & _MASK32, torch.zeros_like(block))
     out = torch.empty((n_rows * n_blocks, 4), device=idx.device, dtype=torch.int64)
     chunk = CPU_CHUNK if idx.device.type == "cpu" else max(len(block), 1)
