@@ -13,7 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from sit_lightning.randomness import keyed_bits, keyed_rand, keyed_randn, keyed_seed, philox4x32
+from sit_lightning.randomness import (
+    _keyed_bits_torch,
+    _philox4x32_numpy,
+    keyed_bits,
+    keyed_rand,
+    keyed_randn,
+    keyed_seed,
+    philox4x32,
+)
 
 # Random123's known-answer vectors for Philox4x32-10 (tests/kat_vectors of the Random123 release):
 # counter words, key words, output words.
@@ -67,6 +75,25 @@ def test_keyed_bits_are_philox_of_the_documented_counter() -> None:
     bits = keyed_bits(10, 3, "s", 9, [index])[0].tolist()
     blocks = [philox_python((b, index & M32, index >> 32, 0), (key & M32, key >> 32)) for b in range(3)]
     assert bits == [w for block in blocks for w in block][:10]
+
+
+def test_the_host_and_device_paths_give_the_same_words() -> None:
+    """The CPU draws use numpy uint64 arithmetic, other devices int64 torch ops: the same words."""
+    indices = torch.tensor([0, 1, 7, 2**32 + 3, 2**40, -1, -(2**33)])
+    key = keyed_seed(11, "paths", 4)
+    for n_words in (1, 4, 9, 64):
+        n_blocks = -(-n_words // 4)
+        host = keyed_bits(n_words, 11, "paths", 4, indices)
+        device_path = _keyed_bits_torch(indices, n_blocks, (key & M32, key >> 32))[:, :n_words]
+        assert torch.equal(host, device_path)
+    rng = np.random.default_rng(1)
+    counters = rng.integers(0, 2**32, size=(500, 4), dtype=np.uint64)
+    words = np.empty_like(counters)
+    _philox4x32_numpy(counters, (123, 456), words)
+    torch_words = philox4x32(
+        tuple(torch.from_numpy(counters[:, j].astype(np.int64)) for j in range(4)), (123, 456)
+    )
+    assert np.array_equal(words.astype(np.int64), torch.stack(torch_words, dim=1).numpy())
 
 
 def test_rows_depend_only_on_their_own_key() -> None:
