@@ -230,14 +230,15 @@ class TrainingObjective:
     # ---- draws -----------------------------------------------------------------------------
     def sample_time(self, n: int, *, generator: torch.Generator | None = None, device=None) -> Tensor:
         """``(n,)`` training times on ``train_interval()``."""
-        t0, t1 = self.train_interval()
-        u = self.time_sampler.sample_unit(n, generator=generator, device=device)
-        return t0 + (t1 - t0) * u
+        return self._on_train_interval(self.time_sampler.sample_unit(n, generator=generator, device=device))
 
     def time_from_base(self, z: Tensor) -> Tensor:
         """Training times on ``train_interval()`` from standard variates of the time sampler's ``base``."""
+        return self._on_train_interval(self.time_sampler.from_base(z))
+
+    def _on_train_interval(self, u: Tensor) -> Tensor:
         t0, t1 = self.train_interval()
-        return t0 + (t1 - t0) * self.time_sampler.from_base(z)
+        return t0 + (t1 - t0) * u
 
     # ---- targets and weights ------------------------------------------------------------------
     def target(self, x_0: Tensor, x_1: Tensor, t: Tensor) -> Tensor:

@@ -63,6 +63,16 @@ def keyed_generator(seed: int, stream: str, *keys: int) -> torch.Generator:
     return g
 
 
+def _round_keys(key: tuple[int, int], rounds: int) -> list[tuple[int, int]]:
+    """The key of each Philox round: the 32-bit key, bumped by the Weyl increments between rounds."""
+    k0, k1 = key[0] & _MASK32, key[1] & _MASK32
+    keys = []
+    for _ in range(rounds):
+        keys.append((k0, k1))
+        k0, k1 = (k0 + _PHILOX_W[0]) & _MASK32, (k1 + _PHILOX_W[1]) & _MASK32
+    return keys
+
+
 def _mulhilo_(a: Tensor, m: int, hi: Tensor, lo: Tensor, scratch: Tensor) -> None:
     """Write the high and low 32 bits of ``a * m`` into ``hi`` and ``lo`` (int64 ``a`` in [0, 2^32)).
 
@@ -85,11 +95,7 @@ def philox4x32(counter: Words, key: tuple[int, int], rounds: int = PHILOX_ROUNDS
     """
     c0, c1, c2, c3 = (w.to(torch.int64).contiguous().clone() for w in torch.broadcast_tensors(*counter))
     s0, s1, s2, s3 = (torch.empty_like(c0) for _ in range(4))
-    k0, k1 = key[0] & _MASK32, key[1] & _MASK32
-    for r in range(rounds):
-        if r:
-            k0 = (k0 + _PHILOX_W[0]) & _MASK32
-            k1 = (k1 + _PHILOX_W[1]) & _MASK32
+    for k0, k1 in _round_keys(key, rounds):
         _mulhilo_(c0, _PHILOX_M[0], hi=s0, lo=s1, scratch=s2)  # c0 is free afterwards
         _mulhilo_(c2, _PHILOX_M[1], hi=s3, lo=c0, scratch=s2)
         s3.bitwise_xor_(c1).bitwise_xor_(k0)  # hi1 ^ c1 ^ k0
@@ -112,11 +118,7 @@ def _philox4x32_numpy(
     mask, shift = np.uint64(_MASK32), np.uint64(32)
     c0, c1, c2, c3 = (np.ascontiguousarray(counter[:, j]) for j in range(4))
     p0, p1 = np.empty_like(c0), np.empty_like(c0)
-    k0, k1 = key[0] & _MASK32, key[1] & _MASK32
-    for r in range(rounds):
-        if r:
-            k0 = (k0 + _PHILOX_W[0]) & _MASK32
-            k1 = (k1 + _PHILOX_W[1]) & _MASK32
+    for k0, k1 in _round_keys(key, rounds):
         np.multiply(c0, m0, out=p0)
         np.multiply(c2, m1, out=p1)
         # new c0 = hi1 ^ c1 ^ k0 (into c0's buffer), c2 = hi0 ^ c3 ^ k1 (into c2's), c1 = lo1, c3 = lo0
