@@ -17,7 +17,7 @@ from PIL import Image
 
 from batch_recorder import BatchRecorder
 from sit_lightning.cli import main
-from sit_lightning.data.sampler import GlobalBatchSampler
+from sit_lightning.data import GlobalBatchSampler
 from sit_lightning.data.shards import LatentShards
 from tiny_vae import save_tiny_vae
 

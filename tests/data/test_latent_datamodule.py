@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from sit_lightning.data import SD_VAE_SCALE, LatentDataModule, LatentShardWriter
 from sit_lightning.data.latent_datamodule import LatentSource
-from sit_lightning.data.sampler import GlobalBatchSampler, GlobalBatchStream
+from sit_lightning.data.stream import GlobalBatchSampler, GlobalBatchStream
 
 SHAPE = (4, 4, 4)
 N = 40

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sit_lightning.data.sampler import SampleStreamDataModule
+from sit_lightning.data.stream import SampleStreamDataModule
 
 __all__ = ["DigitsDataModule", "DigitsSource", "LabelledImages", "DIGITS_MAX_VALUE", "digits_to_unit_range"]
 

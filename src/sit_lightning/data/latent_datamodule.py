@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sit_lightning.data.sampler import SampleStreamDataModule
+from sit_lightning.data.stream import SampleStreamDataModule
 from sit_lightning.data.shards import LatentShards
 from sit_lightning.randomness import keyed_generator, keyed_rand, keyed_randn
 
@@ -89,7 +89,7 @@ class LatentDataModule(SampleStreamDataModule):
     ``b = global_batch_size / world_size``. ``key`` is the sample's position in the run's sample
     stream (``epoch * samples_per_epoch + position``), independent of ranks and workers, so the module
     can key its own draws (time, noise, label dropout) by ``(seed, key)``. Resumes mid-epoch exactly
-    from a Lightning checkpoint (see :mod:`sit_lightning.data.sampler`).
+    from a Lightning checkpoint (see :mod:`sit_lightning.data.stream`).
 
     Args:
         data_dir: shard folder written by ``sit-lightning precompute-latents``.

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from sit_lightning.data.digits import DigitsSource, LabelledImages
-from sit_lightning.data.sampler import (
+from sit_lightning.data.stream import (
     GlobalBatchSampler,
     GlobalBatchStream,
     ResumableLoader,
