@@ -11,8 +11,10 @@ import torch
 from gaussian_closed_form import exact_fields, log_density, rotated_gaussian
 from sit_lightning.interpolants import (
     GVP,
+    INTERPOLANTS,
     PREDICTIONS,
     VP,
+    DefaultEps,
     Interpolant,
     Linear,
     PathCoefficients,
@@ -126,7 +128,7 @@ def test_golden_paths(golden: dict) -> None:
             assert rel(ours, golden[f"paths.{name}.{field}"]) < 1e-12, (name, field)
         # paper's w_KL = 2 * released SBDM diffusion D
         assert rel(path.w_kl(t) / 2, golden[f"paths.{name}.sbdm_D"]) < 1e-12, name
-        score = path.velocity_to_score(golden["paths.v"], golden["paths.x"], t)
+        score = path.convert(golden["paths.v"], golden["paths.x"], t, "velocity", "score")
         assert rel(score, golden[f"paths.{name}.score_from_velocity"]) < 1e-12, name
 
 
@@ -134,8 +136,8 @@ def test_float32_and_float64_agree() -> None:
     x = torch.randn(T.shape[0], 2, dtype=torch.float64)
     v = torch.randn(T.shape[0], 2, dtype=torch.float64)
     for path in (Linear(), GVP(), VP()):
-        s64 = path.velocity_to_score(v, x, T)
-        s32 = path.velocity_to_score(v.float(), x.float(), T.float())
+        s64 = path.convert(v, x, T, "velocity", "score")
+        s32 = path.convert(v.float(), x.float(), T.float(), "velocity", "score")
         assert s32.dtype == torch.float32
         assert rel(s32.double(), s64) < 1e-4
 
@@ -149,3 +151,64 @@ def test_bad_inputs_name_the_value() -> None:
         broadcast_time(torch.zeros(3), torch.zeros(2, 4))
     with pytest.raises(ValueError, match="beta_min"):
         VP(beta_min=5, beta_max=1)
+
+
+def test_released_endpoint_policy() -> None:
+    # released create_transport / Transport.check_interval: eps per path and prediction, and the clipped ends
+    for path in (Linear(), GVP(), SquaredTrig()):
+        assert path.default_eps("velocity") == (0.0, 0.0)
+        for prediction in ("score", "noise", "data"):
+            assert path.default_eps(prediction) == (1e-3, 1e-3)
+        assert path.interval(1e-3) == (1e-3, 1 - 1e-3)
+        assert path.interval(0.0) == (0.0, 1.0)
+    for prediction in PREDICTIONS:
+        assert VP().default_eps(prediction) == (1e-5, 1e-3)
+    assert VP().interval(1e-3) == (0.0, 1 - 1e-3)  # alpha_0 > 0: only the data end is clipped
+    assert VP().default_eps("noise").sample_eps == 1e-3
+    assert VP().interval(1e-3).t1 == 1 - 1e-3
+
+
+@pytest.mark.parametrize("path", PATHS, ids=IDS)
+def test_declared_ends_match_the_schedules(path: Interpolant) -> None:
+    # the declarations are facts about alpha and sigma: alpha_0 > 0 leaves t = 0 usable; d_sigma is
+    # infinite at t = 1 exactly when the path says it is singular there
+    zero, one = torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    assert path.clips_noise_end == (path.alpha(zero).item() == 0.0)
+    assert path.singular_at_data == (not math.isfinite(path.d_sigma(one).item()))
+
+
+def test_registry_is_built_from_the_class_names() -> None:
+    assert INTERPOLANTS == {"linear": Linear, "gvp": GVP, "vp": VP}
+    for name, cls in INTERPOLANTS.items():
+        assert cls.name == name
+        assert type(make_interpolant(name.upper())) is cls
+    with pytest.raises(ValueError, match=r"one of \('linear', 'gvp', 'vp'\); got 'cosine'"):
+        make_interpolant("cosine")
+
+
+def test_bad_end_declarations_fail_at_class_definition() -> None:
+    with pytest.raises(
+        TypeError, match=r"Singular.velocity_eps entries must be in \(0, 0.5\) since singular"
+    ):
+
+        class Singular(SquaredTrig):
+            singular_at_data = True  # but keeps the velocity default (0, 0): would evaluate t = 1
+
+    with pytest.raises(TypeError, match=r"Wide.converted_eps entries must be in \[0, 0.5\)"):
+
+        class Wide(SquaredTrig):
+            converted_eps = (0.5, 1e-3)
+
+    with pytest.raises(TypeError, match="must be a pair"):
+
+        class Single(SquaredTrig):
+            velocity_eps = 1e-3
+
+    class Plain(SquaredTrig):
+        velocity_eps = (1e-4, 2e-4)  # a plain pair is accepted and named
+
+    assert Plain().default_eps("velocity") == DefaultEps(train_eps=1e-4, sample_eps=2e-4)
+    with pytest.raises(ValueError, match="eps must be in"):
+        Linear().interval(0.5)
+    with pytest.raises(ValueError, match="prediction must be one of .*got 'logits'"):
+        Linear().default_eps("logits")

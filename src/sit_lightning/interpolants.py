@@ -13,6 +13,10 @@ An interpolant is two schedules, ``alpha(t)`` and ``sigma(t)``. Their time deriv
 autograd, so a new path needs only the two schedules (see :class:`Interpolant`); the built-in paths
 give closed forms.
 
+A path also owns its endpoint policy: which times the objective and the samplers may use
+(:meth:`Interpolant.interval`, clipped by ``eps``) and the released defaults of that ``eps``
+(:meth:`Interpolant.default_eps`). Nothing outside this module asks which path it has.
+
 Every quantity a model can predict is a linear function of the pair ``(x_t, v)``, because
 ``(x_t, v) = M(t) (x_1, x_0)`` with ``M = [[alpha, sigma], [d_alpha, d_sigma]]``:
 
@@ -29,7 +33,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Literal, NamedTuple, get_args
+from typing import ClassVar, Literal, NamedTuple, get_args
 
 import torch
 from torch import Tensor
@@ -39,15 +43,20 @@ PREDICTIONS: tuple[str, ...] = get_args(Prediction)
 
 VP_BETA_MIN = 0.1
 VP_BETA_MAX = 20.0
+#: Upper bound (excluded) of a clip ``eps``: the interval ``[eps, 1 - eps]`` must not be empty.
+MAX_EPS = 0.5
 
 __all__ = [
     "GVP",
+    "INTERPOLANTS",
     "VP",
+    "DefaultEps",
     "Interpolant",
     "Linear",
     "PathCoefficients",
     "PREDICTIONS",
     "Prediction",
+    "TimeInterval",
     "broadcast_time",
     "make_interpolant",
 ]
@@ -60,6 +69,20 @@ class PathCoefficients(NamedTuple):
     sigma_t: Tensor
     d_alpha_t: Tensor
     d_sigma_t: Tensor
+
+
+class DefaultEps(NamedTuple):
+    """Default clip of the time interval: ``train_eps`` for training, ``sample_eps`` for sampling."""
+
+    train_eps: float
+    sample_eps: float
+
+
+class TimeInterval(NamedTuple):
+    """A time interval ``[t0, t1]``: ``t0`` at the noise end, ``t1`` at the data end."""
+
+    t0: float
+    t1: float
 
 
 def broadcast_time(t: Tensor | float, x: Tensor) -> Tensor:
@@ -87,11 +110,83 @@ class Interpolant(ABC):
     Everything else (training targets, conversions between predictions, the SDE coefficient
     ``w_KL``) is derived from the two schedules, and the samplers and objective accept the
     subclass unchanged.
+
+    Ends. A path also states, as class attributes, how its ends behave; the objective, the ODE and
+    SDE samplers and the likelihood take their default time intervals from them (through
+    :meth:`default_eps` and :meth:`interval`) and never ask which path they have. The defaults are
+    Linear's, right for any path with ``alpha_0 = 0, sigma_0 = 1`` and finite derivatives at both
+    ends:
+
+    - ``velocity_eps``, ``converted_eps``: the default ``(train_eps, sample_eps)`` of a velocity
+      model, and of a score, noise or data model (whose conversion to velocity divides by
+      ``alpha_t`` or ``sigma_t``, infinite at an end where that is 0);
+    - ``clips_noise_end``: whether ``eps`` clips t = 0 too (False when ``alpha_0 > 0``, so t = 0 is
+      usable as it is): the interval is ``[eps, 1 - eps]`` if True, else ``[0, 1 - eps]``;
+    - ``singular_at_data``: True when the velocity is infinite at t = 1 (``d_sigma`` diverges as
+      ``sigma -> 0``, as for VP); then ``t1 = 1`` is refused where a caller could ask for it (the
+      likelihood), and both default eps must be > 0.
+
+    A path whose ends behave like VP's, without being a :class:`VP`::
+
+        class ExpVP(Interpolant):
+            name = "exp_vp"
+            velocity_eps = converted_eps = DefaultEps(train_eps=1e-5, sample_eps=1e-3)
+            clips_noise_end = False   # alpha_0 = exp(-5) > 0: t = 0 is usable as it is
+            singular_at_data = True   # sigma ~ sqrt(10 (1 - t)) near t = 1: d_sigma is infinite there
+            def alpha(self, t): return torch.exp(-5 * (1 - t))
+            def sigma(self, t): return torch.sqrt(1 - torch.exp(-10 * (1 - t)))
+
+    The built-in values are the released SiT code's (arXiv 2401.08740; defaults from
+    ``create_transport`` in the released ``transport/__init__.py``, ends from
+    ``Transport.check_interval`` in ``transport/transport.py``): Linear/GVP velocity (0, 0),
+    Linear/GVP score/noise (1e-3, 1e-3), VP (1e-5, 1e-3) for every prediction.
     """
 
-    name: str = "custom"
-    #: Default clipping of the time interval (train_eps, sample_eps) for (velocity, other) predictions.
-    #: See :func:`sit_lightning.objective.default_eps`.
+    name: ClassVar[str] = "custom"
+    #: Default ``(train_eps, sample_eps)`` of a velocity model on this path.
+    velocity_eps: ClassVar[DefaultEps] = DefaultEps(train_eps=0.0, sample_eps=0.0)
+    #: Default ``(train_eps, sample_eps)`` of a score, noise or data model on this path.
+    converted_eps: ClassVar[DefaultEps] = DefaultEps(train_eps=1e-3, sample_eps=1e-3)
+    #: Whether ``eps`` clips the noise end too (False: ``alpha_0 > 0`` makes t = 0 usable as it is).
+    clips_noise_end: ClassVar[bool] = True
+    #: Whether the velocity is infinite at t = 1, so that no computation may evaluate it there.
+    singular_at_data: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        for attr in ("velocity_eps", "converted_eps"):
+            value = getattr(cls, attr)
+            try:
+                eps = DefaultEps(*(float(e) for e in value))
+            except (TypeError, ValueError):
+                raise TypeError(
+                    f"{cls.__name__}.{attr} must be a pair (train_eps, sample_eps); got {value!r}"
+                ) from None
+            # a singular data end must be clipped, or the defaults would evaluate the velocity at t = 1
+            low_ok = min(eps) > 0.0 if cls.singular_at_data else min(eps) >= 0.0
+            if not (low_ok and max(eps) < MAX_EPS):
+                allowed = (
+                    f"(0, {MAX_EPS}) since singular_at_data" if cls.singular_at_data else f"[0, {MAX_EPS})"
+                )
+                raise TypeError(f"{cls.__name__}.{attr} entries must be in {allowed}; got {value!r}")
+            setattr(cls, attr, eps)
+
+    # ---- ends --------------------------------------------------------------------------------
+    def default_eps(self, prediction: Prediction) -> DefaultEps:
+        """The default ``(train_eps, sample_eps)`` of a model of this ``prediction`` type on this path."""
+        _check_prediction(prediction, "prediction")
+        return self.velocity_eps if prediction == "velocity" else self.converted_eps
+
+    def interval(self, eps: float) -> TimeInterval:
+        """``(t0, t1)`` clipped by ``eps``: ``[eps, 1 - eps]``, or ``[0, 1 - eps]`` without ``clips_noise_end``.
+
+        Args:
+            eps: the clip, in [0, 0.5).
+        """
+        eps = float(eps)
+        if not 0.0 <= eps < MAX_EPS:
+            raise ValueError(f"eps must be in [0, {MAX_EPS}); got {eps}")
+        return TimeInterval(eps if self.clips_noise_end else 0.0, 1.0 - eps)
 
     # ---- schedules -------------------------------------------------------------------------
     @abstractmethod
@@ -155,16 +250,14 @@ class Interpolant(ABC):
         Returns:
             ``(N, ...)`` the same field expressed as ``target``.
         """
-        _check_prediction(source, "source")
-        _check_prediction(target, "target")
+        _check_prediction(source, "source prediction")
+        _check_prediction(target, "target prediction")
         if source == target:
             return prediction
         a, s, da, ds = self.coefficients(broadcast_time(t, x_t))
         # Step 1: (x_1_hat, eps) from (x_t, prediction); only what the target needs is formed.
         if source == "velocity":
             det = a * ds - da * s
-            if target == "velocity":  # pragma: no cover - handled above
-                return prediction
             eps = (a * prediction - da * x_t) / det
             if target == "noise":
                 return eps
@@ -191,25 +284,13 @@ class Interpolant(ABC):
         # velocity = d_alpha/alpha x_t + (d_sigma - d_alpha sigma / alpha) eps
         return (da / a) * x_t + (ds - da * s / a) * eps
 
-    def velocity_to_score(self, v: Tensor, x_t: Tensor, t: Tensor | float) -> Tensor:
-        return self.convert(v, x_t, t, "velocity", "score")
-
-    def score_to_velocity(self, score: Tensor, x_t: Tensor, t: Tensor | float) -> Tensor:
-        return self.convert(score, x_t, t, "score", "velocity")
-
-    def velocity_to_noise(self, v: Tensor, x_t: Tensor, t: Tensor | float) -> Tensor:
-        return self.convert(v, x_t, t, "velocity", "noise")
-
-    def noise_to_velocity(self, eps: Tensor, x_t: Tensor, t: Tensor | float) -> Tensor:
-        return self.convert(eps, x_t, t, "noise", "velocity")
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
 
 def _check_prediction(value: str, what: str) -> None:
     if value not in PREDICTIONS:
-        raise ValueError(f"{what} prediction must be one of {PREDICTIONS}; got {value!r}")
+        raise ValueError(f"{what} must be one of {PREDICTIONS}; got {value!r}")
 
 
 def _elementwise_derivative(fn, t: Tensor) -> Tensor:
@@ -267,6 +348,10 @@ class VP(Interpolant):
     """
 
     name = "vp"
+    # released: (1e-5, 1e-3) whatever the prediction; t = 0 is usable, t = 1 is singular
+    velocity_eps = converted_eps = DefaultEps(train_eps=1e-5, sample_eps=1e-3)
+    clips_noise_end = False
+    singular_at_data = True
 
     def __init__(self, beta_min: float = VP_BETA_MIN, beta_max: float = VP_BETA_MAX) -> None:
         if not 0 <= beta_min < beta_max:
@@ -308,14 +393,14 @@ class VP(Interpolant):
         return f"VP(beta_min={self.beta_min}, beta_max={self.beta_max})"
 
 
-PathName = Literal["linear", "gvp", "vp"]
-_PATHS: dict[str, type[Interpolant]] = {"linear": Linear, "gvp": GVP, "vp": VP}
+#: The built-in paths by name (each class's ``name``); :func:`make_interpolant` builds from it.
+INTERPOLANTS: dict[str, type[Interpolant]] = {cls.name: cls for cls in (Linear, GVP, VP)}
 
 
 def make_interpolant(path: Interpolant | str) -> Interpolant:
-    """An :class:`Interpolant` from an instance or a name (``linear | gvp | vp``, case-insensitive)."""
+    """An :class:`Interpolant` from an instance or a name in :data:`INTERPOLANTS` (case-insensitive)."""
     if isinstance(path, Interpolant):
         return path
-    if isinstance(path, str) and path.lower() in _PATHS:
-        return _PATHS[path.lower()]()
-    raise ValueError(f"path must be an Interpolant or one of {tuple(_PATHS)}; got {path!r}")
+    if isinstance(path, str) and path.lower() in INTERPOLANTS:
+        return INTERPOLANTS[path.lower()]()
+    raise ValueError(f"path must be an Interpolant or one of {tuple(INTERPOLANTS)}; got {path!r}")
