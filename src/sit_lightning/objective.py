@@ -37,17 +37,12 @@ from typing import ClassVar, Literal, get_args
 import torch
 from torch import Tensor
 
-from .interpolants import VP, Interpolant, broadcast_time, make_interpolant
+from .interpolants import MAX_EPS, DefaultEps, Interpolant, TimeInterval, broadcast_time, make_interpolant
 
 TrainPrediction = Literal["velocity", "score", "noise"]
 LossWeight = Literal["none", "velocity", "likelihood"]
 TRAIN_PREDICTIONS: tuple[str, ...] = get_args(TrainPrediction)
 LOSS_WEIGHTS: tuple[str, ...] = get_args(LossWeight)
-
-#: Released defaults (train_eps, sample_eps): reference sheet §2.3.
-EPS_VP = (1e-5, 1e-3)
-EPS_NON_VELOCITY = (1e-3, 1e-3)
-EPS_VELOCITY = (0.0, 0.0)
 
 __all__ = [
     "LOSS_WEIGHTS",
@@ -64,17 +59,14 @@ __all__ = [
 ]
 
 
-def default_eps(interpolant: Interpolant, prediction: str) -> tuple[float, float]:
-    """The released code's default ``(train_eps, sample_eps)`` for a path and prediction.
+def default_eps(interpolant: Interpolant | str, prediction: str) -> DefaultEps:
+    """The default ``(train_eps, sample_eps)`` for a path and prediction: the path's own.
 
-    VP: (1e-5, 1e-3); Linear/GVP (and custom paths) with score or noise prediction: (1e-3, 1e-3);
-    velocity on Linear/GVP: (0, 0).
+    A shorthand for ``make_interpolant(interpolant).default_eps(prediction)``; the values live on
+    the path (:meth:`~sit_lightning.interpolants.Interpolant.default_eps`). Released: VP (1e-5, 1e-3);
+    Linear/GVP score or noise (1e-3, 1e-3); Linear/GVP velocity (0, 0).
     """
-    if isinstance(interpolant, VP):
-        return EPS_VP
-    if prediction != "velocity":
-        return EPS_NON_VELOCITY
-    return EPS_VELOCITY
+    return make_interpolant(interpolant).default_eps(prediction)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -179,9 +171,10 @@ class TrainingObjective:
         prediction: what the network predicts: ``velocity | score | noise``.
         loss_weight: ``none | velocity | likelihood`` (score/noise models only; see module docs).
         time_sampler: how training times are drawn on ``[t0, t1]``; uniform by default.
-        train_eps: clip of the training interval. ``None`` takes the released default for the
-            path and prediction (:func:`default_eps`); a value you set is always used. Linear/GVP
-            train on ``[train_eps, 1 - train_eps]``, VP on ``[0, 1 - train_eps]`` (alpha_0 > 0).
+        train_eps: clip of the training interval. ``None`` takes the path's default for the
+            prediction (:meth:`Interpolant.default_eps`); a value you set is always used. The path
+            says which ends it clips (:meth:`Interpolant.interval`): Linear/GVP train on
+            ``[train_eps, 1 - train_eps]``, VP on ``[0, 1 - train_eps]`` (alpha_0 > 0).
         sample_eps: the same clip for sampling, reported by :meth:`sample_interval` for the samplers.
     """
 
@@ -209,23 +202,18 @@ class TrainingObjective:
         self.prediction = prediction
         self.loss_weight = loss_weight
         self.time_sampler = time_sampler if time_sampler is not None else UniformTimeSampler()
-        default_train, default_sample = default_eps(self.interpolant, prediction)
+        default_train, default_sample = self.interpolant.default_eps(prediction)
         self.train_eps = _check_eps(default_train if train_eps is None else train_eps, "train_eps")
         self.sample_eps = _check_eps(default_sample if sample_eps is None else sample_eps, "sample_eps")
 
     # ---- intervals -------------------------------------------------------------------------
-    def _interval(self, eps: float) -> tuple[float, float]:
-        if isinstance(self.interpolant, VP):
-            return 0.0, 1.0 - eps
-        return eps, 1.0 - eps
+    def train_interval(self) -> TimeInterval:
+        """``(t0, t1)`` on which training times are drawn: the path's interval clipped by ``train_eps``."""
+        return self.interpolant.interval(self.train_eps)
 
-    def train_interval(self) -> tuple[float, float]:
-        """``(t0, t1)`` on which training times are drawn."""
-        return self._interval(self.train_eps)
-
-    def sample_interval(self) -> tuple[float, float]:
-        """``(t0, t1)`` for deterministic sampling (noise at t0, data at t1)."""
-        return self._interval(self.sample_eps)
+    def sample_interval(self) -> TimeInterval:
+        """``(t0, t1)`` for deterministic sampling (noise at t0, data at t1), clipped by ``sample_eps``."""
+        return self.interpolant.interval(self.sample_eps)
 
     # ---- draws -----------------------------------------------------------------------------
     def sample_time(self, n: int, *, generator: torch.Generator | None = None, device=None) -> Tensor:
@@ -313,6 +301,6 @@ class TrainingObjective:
 
 def _check_eps(value: float, name: str) -> float:
     value = float(value)
-    if not (0.0 <= value < 0.5):
-        raise ValueError(f"{name} must be in [0, 0.5); got {value}")
+    if not (0.0 <= value < MAX_EPS):
+        raise ValueError(f"{name} must be in [0, {MAX_EPS}); got {value}")
     return value

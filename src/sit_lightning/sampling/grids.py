@@ -16,8 +16,7 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
-from ..interpolants import VP, Interpolant
-from ..objective import default_eps
+from ..interpolants import Interpolant, Prediction, TimeInterval
 
 GridName = Literal["uniform", "shifted"]
 GRIDS: tuple[str, ...] = get_args(GridName)
@@ -67,16 +66,15 @@ def time_grid(
     return times.to(dtype)
 
 
-def default_interval(interpolant: Interpolant, prediction: str = "velocity") -> tuple[float, float]:
-    """The released code's ODE interval ``(t0, t1)`` for a path and prediction type.
+def default_interval(interpolant: Interpolant, prediction: Prediction = "velocity") -> TimeInterval:
+    """The path's default sampling interval ``(t0, t1)`` for a prediction type.
 
-    Linear/GVP velocity: (0, 1); Linear/GVP score/noise/data: (1e-3, 1 - 1e-3); VP: (0, 1 - 1e-3),
+    ``interpolant.interval(interpolant.default_eps(prediction).sample_eps)``: the path declares both
+    (:class:`~sit_lightning.interpolants.Interpolant`). For the built-in paths these are the released
+    code's: Linear/GVP velocity (0, 1); Linear/GVP score/noise/data (1e-3, 1 - 1e-3); VP (0, 1 - 1e-3),
     the same as :meth:`TrainingObjective.sample_interval` with its default ``sample_eps``.
     """
-    eps = default_eps(interpolant, prediction)[1]
-    if isinstance(interpolant, VP):
-        return 0.0, 1.0 - eps
-    return eps, 1.0 - eps
+    return interpolant.interval(interpolant.default_eps(prediction).sample_eps)
 
 
 def _check_shift(shift: float) -> None:

@@ -60,7 +60,6 @@ from typing import Literal, NamedTuple, get_args
 import torch
 from torch import Tensor
 
-from ..interpolants import VP
 from .field import VectorField
 from .grids import default_interval, time_grid
 from .ode import ADAPTIVE_METHODS, ODE_METHODS, OdeMethod, integrate_adaptive, ode_step
@@ -149,7 +148,8 @@ def likelihood(
         t0: noise end; default from :func:`~sit_lightning.sampling.grids.default_interval` for the
             field's path and prediction (``field.prediction`` if present, else velocity), as the ODE
             sampler: Linear/GVP velocity (0, 1), score/noise/data (1e-3, 1 - 1e-3), VP (0, 1 - 1e-3).
-        t1: data end, where the density is evaluated; same default. VP requires ``t1 < 1``.
+        t1: data end, where the density is evaluated; same default. A path that is
+            ``singular_at_data`` (VP) requires ``t1 < 1``.
         divergence: ``exact`` (sum of ``d v_i / d x_i`` over all ``D`` dimensions, ``D`` backward passes
             per evaluation, for small data) or ``hutchinson`` (one vector-Jacobian product with a probe).
         probe: ``(N, ...)`` Hutchinson probe, one per trajectory (``E[eps eps^T] = I`` required for
@@ -169,8 +169,8 @@ def likelihood(
 
     Raises:
         ValueError: for an unknown method, divergence or probe distribution, ``steps < 1``, an interval
-            outside ``0 <= t0 < t1 <= 1`` (``t1 < 1`` for VP), a probe of the wrong shape, or, with
-            ``dequantize``, data that are not on the ``bits``-bit grid.
+            outside ``0 <= t0 < t1 <= 1`` (``t1 < 1`` for a ``singular_at_data`` path such as VP), a
+            probe of the wrong shape, or, with ``dequantize``, data that are not on the ``bits``-bit grid.
         RuntimeError: if the field's velocity is not differentiable in ``x``.
     """
     _check_choice(method, ODE_METHODS, "method")
@@ -297,9 +297,10 @@ def _interval(field: VectorField, t0: float | None, t1: float | None) -> tuple[f
     t1 = d1 if t1 is None else float(t1)
     if not 0.0 <= t0 < t1 <= 1.0:
         raise ValueError(f"likelihood needs 0 <= t0 < t1 <= 1 (t0 noise, t1 data); got t0={t0}, t1={t1}")
-    if isinstance(interpolant, VP) and t1 >= 1.0:
+    if interpolant.singular_at_data and t1 >= 1.0:
         raise ValueError(
-            f"VP has sigma_1 = 0, where its velocity is singular; use t1 < 1 (default {d1}); got t1={t1}"
+            f"{type(interpolant).__name__} has sigma_1 = 0, where its velocity is singular "
+            f"(singular_at_data); use t1 < 1 (default {d1}); got t1={t1}"
         )
     return t0, t1
 

@@ -121,10 +121,11 @@ def sample_ode(
         noise: ``(N, ...)`` starting state: noise at ``t0`` (or data at ``t1`` when ``reverse``).
         method: one of :data:`ODE_METHODS` (see the module table).
         steps: number of grid intervals for fixed-step methods (NFE = steps x stages).
-        t0, t1: noise-end and data-end times. ``None`` takes the path's default for a velocity model
-            (Linear/GVP: 0 and 1; VP: 0 and 1 - 1e-3) or, for a field with a ``prediction`` other
-            than velocity, the released default (:func:`~sit_lightning.sampling.grids.default_interval`).
-            Pass ``objective.sample_interval()`` to follow a training objective.
+        t0, t1: noise-end and data-end times. ``None`` takes the path's own default for the field's
+            ``prediction`` (velocity if it has none), which the path declares
+            (:func:`~sit_lightning.sampling.grids.default_interval`): Linear/GVP velocity 0 and 1,
+            score/noise/data 1e-3 and 1 - 1e-3; VP 0 and 1 - 1e-3. Pass ``objective.sample_interval()``
+            to follow a training objective.
         grid: ``uniform | shifted`` (fixed-step methods only).
         shift: the shifted grid's ``s`` (``s < 1``: more steps near noise).
         atol, rtol: tolerances of adaptive methods.

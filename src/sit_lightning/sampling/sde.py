@@ -171,8 +171,8 @@ def sample_sde(
         last_step: ``none | mean | tweedie | euler``.
         last_step_size: ``h`` of the last step (ignored for ``none``).
         t0, t1: start (noise) and end (data). Defaults: ``t0`` from the path and the field's
-            prediction (:func:`default_interval`); ``t1`` = 1 with a last step (the released code's end,
-            never evaluated), else the path's default (VP: 1 - 1e-3).
+            prediction (:func:`default_interval`, which the path declares); ``t1`` = 1 with a last step
+            (the released code's end, never evaluated), else the path's default (VP: 1 - 1e-3).
         grid, shift: time grid of the stochastic part (see :func:`time_grid`).
         generator: source of the standard normals (drawn on its device, then moved).
         normals: recorded standard normals instead: a tensor with ``normals[k]`` shaped like
