@@ -55,7 +55,9 @@ def _local(t: Tensor) -> Tensor:
     """The local shard of a DTensor parameter (same storage), or the tensor itself."""
     dtensor = _dtensor_type()
     if dtensor is not None and isinstance(t, dtensor):
-        return t._local_tensor
+        # without grad, to_local() is the local shard itself (a view of it), not an autograd node
+        with torch.no_grad():
+            return t.to_local()
     return t
 
 
@@ -256,11 +258,10 @@ def _local_slice(full: Tensor, param: Tensor) -> Tensor:
     dtensor = _dtensor_type()
     local = _local(param)
     if dtensor is not None and isinstance(param, dtensor):
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+        from torch.distributed.tensor import distribute_tensor
 
-        shape, offset = compute_local_shape_and_global_offset(
-            param.shape, param.device_mesh, param.placements
-        )
-        index = tuple(slice(o, o + s) for o, s in zip(offset, shape, strict=True))
-        return full[index].to(local.device)
+        # src_data_rank=None: every rank holds the full tensor and cuts its own piece (torch.chunk
+        # semantics, as FSDP2 shards), with no communication
+        piece = distribute_tensor(full.detach(), param.device_mesh, param.placements, src_data_rank=None)
+        return piece.to_local().to(local.device)
     return full.to(local.device)
