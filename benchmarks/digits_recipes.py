@@ -88,8 +88,8 @@ RECIPES: dict[str, list[str]] = {
     "oc3e3_1000": one_cycle(3e-3, 1000),
     "oc3e3_1500_logitnormal": one_cycle(3e-3, 1500) + LOGIT_NORMAL_TIME,
     # cheaper steps (about 150 ms instead of 190 ms on the 2-core CPU), more of them
-    "w96_oc3e3_1800": one_cycle(3e-3, 1800) + ["--model.hidden_size", "96"],
-    "d3_oc3e3_1800": one_cycle(3e-3, 1800) + ["--model.depth", "3"],
+    "w96_oc3e3_1800": one_cycle(3e-3, 1800) + ["--model.arch.hidden_size", "96"],
+    "d3_oc3e3_1800": one_cycle(3e-3, 1800) + ["--model.arch.depth", "3"],
 }
 
 

@@ -74,7 +74,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -83,7 +83,7 @@ from torch import Tensor
 
 from sit_lightning.callbacks.ema import PAPER_EMA_DECAY, EMACallback
 from sit_lightning.callbacks.throughput import TRAIN_FLOPS_MULTIPLIER
-from sit_lightning.models import SIT_PRESETS
+from sit_lightning.models import SIT_PRESETS, SiTConfig
 from sit_lightning.module import PAPER_LR, PAPER_WEIGHT_DECAY, PaperAdamW, SiTModule
 
 __all__ = [
@@ -262,17 +262,11 @@ def _build_module(arch: str, device: torch.device, overrides: ArchOverrides, see
     """
 
     def build() -> SiTModule:
-        return SiTModule(
-            arch=arch,  # type: ignore[arg-type]  # checked against SIT_PRESETS when parsed
-            input_size=LATENT_SIZE,
-            in_channels=LATENT_CHANNELS,
-            num_classes=NUM_CLASSES,
-            learn_sigma=True,
-            depth=overrides.depth,
-            hidden_size=overrides.hidden_size,
-            num_heads=overrides.num_heads,
-            seed=seed,
+        config = SiTConfig.from_preset(
+            arch, input_size=LATENT_SIZE, in_channels=LATENT_CHANNELS, num_classes=NUM_CLASSES
         )
+        sizes = {k: v for k, v in asdict(overrides).items() if v is not None}
+        return SiTModule(arch=replace(config, **sizes), seed=seed)
 
     if device.type == "cpu":
         return build()

@@ -44,7 +44,7 @@ def test_rows_json_mfu_and_ratio(bench: ModuleType, tmp_path: Path) -> None:
     report = bench.main(argv)
 
     assert [row.recipe for row in report.rows] == ["released", "bf16"]
-    flops = forward_flops(SiTConfig(depth=1, hidden_size=32, num_heads=2, patch_size=2), input_size=32)
+    flops = forward_flops(SiTConfig(depth=1, hidden_size=32, num_heads=2, patch_size=2, input_size=32))
     by_recipe = {row.recipe: row for row in report.rows}
     for row in report.rows:
         assert row.error is None, row.error

@@ -12,15 +12,17 @@ The ``__init__`` signature is the ``model:`` section of the YAML configs (Lightn
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
-from typing import Any, Literal, NamedTuple, get_args
+import dataclasses
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any, Literal, NamedTuple
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
-from .models import SIT_PRESETS, SiT
+from .models import SIT_PRESETS, SiT, SiTConfig, SiTPreset
 from .objective import TrainingObjective
 from .randomness import keyed_rand, keyed_randn
 
@@ -31,19 +33,12 @@ __all__ = [
     "SiTPreset",
     "ShapeMismatchError",
     "TrainingDraws",
+    "migrate_hparams",
     "PAPER_LR",
     "PAPER_BETAS",
     "PAPER_WEIGHT_DECAY",
     "PaperAdamW",
 ]
-
-SiTPreset = Literal[
-    "SiT-S/2", "SiT-S/4", "SiT-S/8",
-    "SiT-B/2", "SiT-B/4", "SiT-B/8",
-    "SiT-L/2", "SiT-L/4", "SiT-L/8",
-    "SiT-XL/2", "SiT-XL/4", "SiT-XL/8",
-]  # fmt: skip
-assert set(get_args(SiTPreset)) == set(SIT_PRESETS), "SiTPreset must list exactly the presets of models.sit"
 
 #: The paper's optimizer (App. E; released train.py): AdamW, lr 1e-4, no weight decay, default betas.
 PAPER_LR = 1e-4
@@ -134,19 +129,11 @@ class SiTModule(LightningModule):
     """SiT training, validation and sampling as a LightningModule.
 
     Args:
-        arch: architecture preset (``SiT-{S,B,L,XL}/{2,4,8}``); patch size, depth, width and heads
-            come from it unless overridden below.
-        input_size: latent side length H = W (32 for 256 px images, 64 for 512 px).
-        in_channels: latent channels C (4 for the SD VAE).
-        num_classes: number of real classes (the null class ``num_classes`` is added for guidance).
-        learn_sigma: keep the released layout with the unused second output half (needed to load the
-            released checkpoints).
-        class_dropout_prob: probability of training a sample with the null label (classifier-free
-            guidance; 0.1 in the paper).
-        depth: override of the preset's number of blocks (small test/demo models).
-        hidden_size: override of the preset's width.
-        num_heads: override of the preset's attention heads.
-        patch_size: override of the preset's patch size.
+        arch: the network: a preset name (``SiT-{S,B,L,XL}/{2,4,8}``: the released architecture at
+            256 px on ImageNet, i.e. 4x32x32 latents, 1000 classes, ``learn_sigma``, label dropout 0.1)
+            or a complete :class:`~sit_lightning.models.SiTConfig` for anything else (other latent
+            sizes, class counts, widths). In YAML a config is a mapping of its fields; the fields
+            left out take the SiT-XL/2-at-256-px defaults.
         grad_checkpointing: recompute each block in the backward pass (saves activation memory).
         objective: interpolant x prediction x loss weighting x time sampler. Default: Linear path,
             velocity prediction, uniform time (the paper's best setting).
@@ -160,16 +147,7 @@ class SiTModule(LightningModule):
 
     def __init__(
         self,
-        arch: SiTPreset = "SiT-B/2",
-        input_size: int = 32,
-        in_channels: int = 4,
-        num_classes: int = 1000,
-        learn_sigma: bool = True,
-        class_dropout_prob: float = 0.1,
-        depth: int | None = None,
-        hidden_size: int | None = None,
-        num_heads: int | None = None,
-        patch_size: int | None = None,
+        arch: SiTPreset | SiTConfig = "SiT-B/2",
         grad_checkpointing: bool = False,
         objective: TrainingObjective | None = None,
         optimizer: OptimizerCallable = PaperAdamW,
@@ -179,36 +157,26 @@ class SiTModule(LightningModule):
         loss_profile_bins: int = LOSS_PROFILE_BINS,
     ) -> None:
         super().__init__()
-        if arch not in SIT_PRESETS:
-            raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(SIT_PRESETS)}")
+        config = _arch_config(arch)
         if loss_profile_bins < 1:
             raise ValueError(f"loss_profile_bins must be >= 1; got {loss_profile_bins}")
         # The objective is kept (load_from_checkpoint rebuilds it); the optimizer callables are not state.
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        preset = SIT_PRESETS[arch]
+        if isinstance(arch, SiTConfig):  # plain data in the checkpoint and in hparams.yaml
+            self.hparams["arch"] = dataclasses.asdict(arch)
+        self.config = config
         # Weights depend on `seed` only, not on the global RNG state or on which rank builds them:
         # FSDP2 shards the tensors each rank initialised, so all ranks must build the same ones.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.network = SiT(
-                input_size=input_size,
-                patch_size=preset.patch_size if patch_size is None else patch_size,
-                in_channels=in_channels,
-                hidden_size=preset.hidden_size if hidden_size is None else hidden_size,
-                depth=preset.depth if depth is None else depth,
-                num_heads=preset.num_heads if num_heads is None else num_heads,
-                class_dropout_prob=class_dropout_prob,
-                num_classes=num_classes,
-                learn_sigma=learn_sigma,
-                grad_checkpointing=grad_checkpointing,
-            )
+            self.network = SiT(config, grad_checkpointing=grad_checkpointing)
         self.objective = objective if objective is not None else TrainingObjective()
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.seed = int(seed)
         self.compile_network = compile
         self._compiled = False
-        self.latent_shape = (in_channels, input_size, input_size)
+        self.latent_shape = config.latent_shape
         self._profile_times = (torch.arange(loss_profile_bins, dtype=torch.float64) + 0.5) / loss_profile_bins
         self._profile: LossProfile | None = None
         self._profile_sum: Tensor | None = None
@@ -240,13 +208,13 @@ class SiTModule(LightningModule):
         if latent_shape is not None and tuple(int(s) for s in latent_shape) != self.latent_shape:
             raise ShapeMismatchError(
                 f"the data's latent shape {tuple(latent_shape)} does not fit the model, which expects "
-                f"(in_channels, input_size, input_size) = {self.latent_shape}; set model.in_channels "
-                f"and model.input_size to match the data (e.g. input_size: 32 for 256 px, 64 for 512 px)"
+                f"(in_channels, input_size, input_size) = {self.latent_shape}; set model.arch.in_channels "
+                f"and model.arch.input_size to match the data (e.g. input_size: 32 for 256 px, 64 for 512 px)"
             )
         if num_classes is not None and int(num_classes) > self.network.num_classes:
             raise ShapeMismatchError(
                 f"the data has {num_classes} classes but the model's label table has {self.network.num_classes}; "
-                f"set model.num_classes: {num_classes}"
+                f"set model.arch.num_classes: {num_classes}"
             )
 
     def configure_model(self) -> None:
@@ -373,7 +341,46 @@ class SiTModule(LightningModule):
         if self._profile is not None:
             checkpoint["loss_profile"] = {"times": self._profile.times, "values": self._profile.values}
 
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: str | Path | IO,
+        map_location: Any = None,
+        hparams_file: str | Path | None = None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        **kwargs: Any,
+    ) -> SiTModule:
+        """Lightning's ``load_from_checkpoint``, also for checkpoints written by sit-lightning 0.1.
+
+        Those stored the network as a preset plus overrides (``arch``, ``depth``, ``hidden_size``...);
+        the network must be built from the migrated ``arch`` (:func:`migrate_hparams`) before the
+        weights load, so the stored hyperparameters are read and migrated first.
+        """
+        if "arch" not in kwargs and hparams_file is None:
+            stored = _stored_hparams(checkpoint_path, weights_only)
+            if _is_legacy(stored):
+                kwargs["arch"] = migrate_hparams(stored)["arch"]
+        return super().load_from_checkpoint(
+            checkpoint_path,
+            map_location=map_location,
+            hparams_file=hparams_file,
+            strict=strict,
+            weights_only=weights_only,
+            **kwargs,
+        )
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        hparams = checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY)
+        if isinstance(hparams, Mapping) and _is_legacy(hparams):
+            checkpoint[self.CHECKPOINT_HYPER_PARAMS_KEY] = hparams = migrate_hparams(hparams)
+        if isinstance(hparams, Mapping) and "arch" in hparams:
+            stored = _arch_config(hparams["arch"])
+            if stored != self.config:
+                raise ConfigurationError(
+                    f"the checkpoint's network is {stored}, but this module was built as {self.config}; "
+                    "build the module with the checkpoint's arch (SiTModule.load_from_checkpoint does)"
+                )
         stored = checkpoint.get("loss_profile")
         if stored is not None:
             self._profile = LossProfile(times=stored["times"].float(), values=stored["values"].float())
@@ -503,6 +510,67 @@ class SiTModule(LightningModule):
                 return sample_sde(field, noise, **kwargs)
         finally:
             self.network.train(was_training)
+
+
+def _arch_config(arch: str | SiTConfig | Mapping[str, Any]) -> SiTConfig:
+    """The :class:`SiTConfig` of ``arch``: a preset name, a config, or a config's fields as a mapping."""
+    if isinstance(arch, SiTConfig):
+        return arch
+    if isinstance(arch, str):
+        if arch not in SIT_PRESETS:
+            raise ValueError(
+                f"unknown arch {arch!r}; choose one of {', '.join(SIT_PRESETS)} or give a SiTConfig"
+            )
+        return SIT_PRESETS[arch]
+    if isinstance(arch, Mapping):  # hparams read back from a checkpoint or hparams.yaml
+        return SiTConfig(**arch)
+    raise ValueError(f"arch must be a preset name or a SiTConfig; got {type(arch).__name__} {arch!r}")
+
+
+#: Hyperparameters of sit-lightning 0.1 that are now fields of ``arch`` (a SiTConfig).
+_LEGACY_ARCH_FIELDS = (
+    "input_size", "in_channels", "num_classes", "learn_sigma", "class_dropout_prob",
+    "depth", "hidden_size", "num_heads", "patch_size",
+)  # fmt: skip
+
+
+def _is_legacy(hparams: Mapping[str, Any]) -> bool:
+    return any(key in hparams for key in _LEGACY_ARCH_FIELDS)
+
+
+def migrate_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """Hyperparameters of a sit-lightning 0.1 checkpoint in today's form.
+
+    0.1 stored ``arch`` as a preset name, ``input_size``, ``in_channels``, ``num_classes``,
+    ``learn_sigma`` and ``class_dropout_prob`` beside it, and ``depth`` / ``hidden_size`` /
+    ``num_heads`` / ``patch_size`` as overrides of the preset (None: the preset's). Today ``arch`` is
+    one :class:`~sit_lightning.models.SiTConfig`, stored as the mapping of its fields. Other keys pass
+    through unchanged; hyperparameters already in today's form are returned as they are.
+    """
+    if not _is_legacy(hparams):
+        return dict(hparams)
+    preset = _arch_config(hparams.get("arch", "SiT-B/2"))
+    fields = dataclasses.asdict(preset)
+    fields.update({k: hparams[k] for k in _LEGACY_ARCH_FIELDS if hparams.get(k) is not None})
+    migrated = {k: v for k, v in hparams.items() if k not in _LEGACY_ARCH_FIELDS}
+    migrated["arch"] = dataclasses.asdict(SiTConfig(**fields))
+    return migrated
+
+
+def _stored_hparams(checkpoint_path: str | Path | IO, weights_only: bool | None) -> Mapping[str, Any]:
+    """The hyperparameters stored in a Lightning checkpoint (read memory-mapped when it is a file)."""
+    key = LightningModule.CHECKPOINT_HYPER_PARAMS_KEY
+    if isinstance(checkpoint_path, (str, Path)) and Path(checkpoint_path).is_file():
+        checkpoint = torch.load(
+            checkpoint_path, map_location="cpu", mmap=True, weights_only=weights_only is not False
+        )
+        return checkpoint.get(key, {})
+    if hasattr(checkpoint_path, "seek"):  # a file object: read it, then rewind it for Lightning
+        position = checkpoint_path.tell()
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=weights_only is not False)
+        checkpoint_path.seek(position)
+        return checkpoint.get(key, {})
+    return {}  # a remote path: Lightning reads it; 0.1 checkpoints must be local files
 
 
 def _is_fully_sharded(module: torch.nn.Module) -> bool:

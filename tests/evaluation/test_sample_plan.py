@@ -7,14 +7,17 @@ import torch
 
 from sit_lightning.evaluation.images import image_grid, to_uint8
 from sit_lightning.evaluation.sample_plan import generate, rank_share, sample_labels
+from sit_lightning.models import SiTConfig
 from sit_lightning.module import SiTModule
 
 
 @pytest.fixture(scope="module")
 def tiny_module() -> SiTModule:
     module = SiTModule(
-        arch="SiT-S/2", input_size=8, in_channels=1, num_classes=10, learn_sigma=False,
-        depth=1, hidden_size=32, num_heads=2, patch_size=4,
+        arch=SiTConfig(
+            input_size=8, in_channels=1, num_classes=10, learn_sigma=False,
+            depth=1, hidden_size=32, num_heads=2, patch_size=4,
+        ),
     )  # fmt: skip
     # the final layer starts at zero (a constant field); give it weights so samples differ per label
     with torch.no_grad():

@@ -13,9 +13,13 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-TINY_MODEL: dict[str, Any] = dict(
-    arch="SiT-S/2", input_size=8, in_channels=4, num_classes=3, depth=2, hidden_size=32, num_heads=2
+from sit_lightning.models import SiTConfig
+
+#: A SiT small enough for CPU tests; ``SiTConfig(**dict(TINY_ARCH, ...))`` changes a field.
+TINY_ARCH: dict[str, Any] = dict(
+    input_size=8, in_channels=4, num_classes=3, depth=2, hidden_size=32, num_heads=2, patch_size=2
 )
+TINY_MODEL: dict[str, Any] = dict(arch=SiTConfig(**TINY_ARCH))
 
 
 class _Latents(Dataset):

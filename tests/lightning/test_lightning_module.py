@@ -7,9 +7,10 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning_toy import TINY_MODEL, RandomLatentsDataModule, trainer_kwargs
+from lightning_toy import TINY_ARCH, TINY_MODEL, RandomLatentsDataModule, trainer_kwargs
 
 from sit_lightning.callbacks import EMACallback
+from sit_lightning.models import SiTConfig
 from sit_lightning.module import PaperAdamW, ShapeMismatchError, SiTModule
 from sit_lightning.objective import TrainingObjective
 
@@ -36,7 +37,7 @@ def test_training_draws_depend_only_on_the_sample_key_not_on_the_batch() -> None
 
 
 def test_label_dropout_rate_and_time_range_follow_the_configuration() -> None:
-    module = SiTModule(**{**TINY_MODEL, "class_dropout_prob": 0.25}, objective=TrainingObjective("vp"))
+    module = SiTModule(SiTConfig(**TINY_ARCH, class_dropout_prob=0.25), objective=TrainingObjective("vp"))
     draws = module.training_draws(_batch(list(range(100))) | {"key": torch.arange(4000)}, step=0)
     rate = draws.drop_labels.float().mean().item()
     assert abs(rate - 0.25) < 4 * math.sqrt(0.25 * 0.75 / 4000)

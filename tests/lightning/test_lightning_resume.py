@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning_toy import TINY_MODEL, run_training
+from lightning_toy import TINY_ARCH, TINY_MODEL, run_training
 
+from sit_lightning.models import SiTConfig
 from sit_lightning.module import SiTModule
 
 STEPS = 4  # 2 epochs of 2 steps (16 samples, global batch 8); the split run resumes after step 2
@@ -104,7 +105,7 @@ def test_mid_epoch_resume_with_the_digits_datamodule_is_bit_identical(determinis
     from sit_lightning.callbacks import EMACallback
     from sit_lightning.data import DigitsDataModule
 
-    digits_model = dict(TINY_MODEL, in_channels=1, num_classes=10)
+    digits_model = dict(arch=SiTConfig(**dict(TINY_ARCH, in_channels=1, num_classes=10)))
 
     class CountSteps(pl.Callback):
         steps = 0
@@ -143,7 +144,7 @@ def test_gradient_accumulation_equals_the_full_global_batch() -> None:
 
     from sit_lightning.data import DigitsDataModule
 
-    digits_model = dict(TINY_MODEL, in_channels=1, num_classes=10)
+    digits_model = dict(arch=SiTConfig(**dict(TINY_ARCH, in_channels=1, num_classes=10)))
     initial = SiTModule(**digits_model).state_dict()
     final = []
     for global_batch, accumulate in [(16, 1), (8, 2)]:

@@ -1,22 +1,17 @@
-"""SiT networks (no Lightning here): the model, its presets and the released-checkpoint loader."""
+"""SiT networks (no Lightning here): the architecture record and its presets, the network, cost
+formulas and the released-checkpoint loader."""
 
 from .checkpoint import load_released_sit, load_released_state_dict, sit_from_state_dict
-from .sit import (
-    SIT_PRESETS,
-    SiT,
-    SiT_models,
-    SiTConfig,
-    build_sit,
-    forward_flops,
-    num_parameters,
-    sincos_pos_embed_2d,
-    timestep_embedding,
-)
+from .config import PRESET_FIELDS, SIT_PRESETS, SiTConfig, SiTPreset
+from .cost import forward_flops, num_parameters
+from .sit import SiT, SiT_models, build_sit, sincos_pos_embed_2d, timestep_embedding
 
 __all__ = [
+    "PRESET_FIELDS",
     "SIT_PRESETS",
     "SiT",
     "SiTConfig",
+    "SiTPreset",
     "SiT_models",
     "build_sit",
     "forward_flops",

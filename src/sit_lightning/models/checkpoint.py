@@ -31,7 +31,8 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor
 
-from .sit import SIT_PRESETS, SiT
+from .config import SIT_PRESETS, SiTConfig
+from .sit import SiT
 
 __all__ = [
     "CheckpointLayout",
@@ -276,7 +277,7 @@ def sit_from_state_dict(
             f"hidden_size={layout.hidden_size}; unsupported"
         )
     with torch.device("meta"):  # no time spent initialising weights that are overwritten next
-        model = SiT(
+        config = SiTConfig(
             input_size=_resolve_input_size(layout, input_size),
             patch_size=layout.patch_size,
             in_channels=layout.in_channels,
@@ -288,6 +289,7 @@ def sit_from_state_dict(
             num_classes=classes,
             learn_sigma=_resolve_learn_sigma(layout, learn_sigma),
         )
+        model = SiT(config)
     converted = {
         key: value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device=device)
         for key, value in state_dict.items()

@@ -2,7 +2,7 @@
 
 SiT (arXiv 2401.08740) keeps DiT's backbone (Peebles & Xie, arXiv 2212.09748) and changes only what
 the network is trained to predict. Parameter names and shapes are exactly those of the released SiT
-checkpoints (reference sheet §4), so ``SiT.from_preset("SiT-XL/2").load_state_dict(released,
+checkpoints (the released ``models.py``), so ``build_sit("SiT-XL/2").load_state_dict(released,
 strict=True)`` works. Internals differ where the numbers stay the same: attention runs through
 ``torch.nn.functional.scaled_dot_product_attention`` (Flash / memory-efficient kernels on GPU), there
 is no timm dependency, and the dead ``learn_sigma`` half of the output is dropped inside ``forward``.
@@ -11,16 +11,16 @@ Time convention (see ``sit_lightning.interpolants``): ``t = 0`` is noise, ``t = 
 network sees the raw ``t`` in ``[0, 1]`` (not ``1000 t`` as in DiT).
 
 Layout, parts before the whole: embeddings (patch, time, label), the 2-D sin-cos positional table,
-attention and MLP, one adaLN-Zero block, the final layer, the network, then presets and closed-form
-parameter and FLOP counts.
+attention and MLP, one adaLN-Zero block, the final layer, the network, then the preset builder. The
+architecture record and the presets are in ``config.py``; parameter and FLOP counts in ``cost.py``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,17 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = [
-    "SIT_PRESETS",
-    "SiT",
-    "SiTConfig",
-    "SiT_models",
-    "build_sit",
-    "forward_flops",
-    "num_parameters",
-    "sincos_pos_embed_2d",
-    "timestep_embedding",
-]
+from .config import SIT_PRESETS, SiTConfig
+
+__all__ = ["SiT", "SiT_models", "build_sit", "sincos_pos_embed_2d", "timestep_embedding"]
 
 #: Width of the sinusoidal time features fed to the time MLP (GLIDE / DiT).
 TIME_FREQUENCY_DIM = 256
@@ -234,63 +226,20 @@ class FinalLayer(nn.Module):
 # ------------------------------------------------------------------------------------------------
 # The network
 # ------------------------------------------------------------------------------------------------
-def _check_config(
-    *,
-    input_size: int,
-    patch_size: int,
-    in_channels: int,
-    hidden_size: int,
-    depth: int,
-    num_heads: int,
-    mlp_ratio: float,
-    class_dropout_prob: float,
-    num_classes: int,
-) -> None:
-    positive = dict(
-        input_size=input_size,
-        patch_size=patch_size,
-        in_channels=in_channels,
-        hidden_size=hidden_size,
-        depth=depth,
-        num_heads=num_heads,
-        num_classes=num_classes,
-    )
-    for name, value in positive.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if input_size % patch_size:
-        raise ValueError(f"input_size={input_size} must be divisible by patch_size={patch_size}")
-    if hidden_size % num_heads:
-        raise ValueError(f"hidden_size={hidden_size} must be divisible by num_heads={num_heads}")
-    if hidden_size % 4:
-        raise ValueError(f"hidden_size={hidden_size} must be divisible by 4 (2-D sin-cos positions)")
-    if not mlp_ratio > 0 or int(hidden_size * mlp_ratio) < 1:
-        raise ValueError(f"mlp_ratio must be > 0 with int(hidden_size * mlp_ratio) >= 1, got {mlp_ratio}")
-    if not 0.0 <= class_dropout_prob <= 1.0:
-        raise ValueError(f"class_dropout_prob must be in [0, 1], got {class_dropout_prob}")
-
-
 class SiT(nn.Module):
     """Scalable Interpolant Transformer: latent image, time and class -> a field of the same shape.
 
     What the output means (velocity, score or noise) is decided by the training objective, not here.
 
     Args:
-        input_size: latent side length H = W (32 for 256 px images with the SD VAE).
-        patch_size: p; the image becomes (input_size / p)^2 tokens.
-        in_channels: latent channels C.
-        hidden_size: token width D.
-        depth: number of transformer blocks.
-        num_heads: attention heads (D divisible by it).
-        mlp_ratio: MLP hidden width / D.
-        class_dropout_prob: training-time probability of replacing a label by the null class
-            ``num_classes`` (classifier-free guidance). The label table has a null row iff this is > 0.
-        num_classes: number of real classes.
-        learn_sigma: keep the released layout whose final layer predicts 2C channels (DiT's
-            variance half). SiT never uses that half; ``forward`` returns only the first C channels.
-            True is needed to load the released checkpoints.
+        config: the architecture (:class:`SiTConfig`; its docstring documents every field).
         grad_checkpointing: recompute each block in the backward pass (activation checkpointing)
-            while training, trading about one extra forward for activation memory.
+            while training, trading about one extra forward for activation memory. Not part of the
+            config: it changes memory and time, never the weights or the numbers.
+        **fields: instead of ``config``, its fields as keywords, as the released class takes them
+            (``SiT(input_size=32, depth=28, ...)``).
+
+    ``forward`` returns only the first C channels: SiT never uses the ``learn_sigma`` half.
 
     Attributes:
         check_label_range: check label values in eager mode (default True). The check reads the
@@ -299,74 +248,35 @@ class SiT(nn.Module):
     """
 
     def __init__(
-        self,
-        input_size: int = 32,
-        patch_size: int = 2,
-        in_channels: int = 4,
-        hidden_size: int = 1152,
-        depth: int = 28,
-        num_heads: int = 16,
-        mlp_ratio: float = 4.0,
-        class_dropout_prob: float = 0.1,
-        num_classes: int = 1000,
-        learn_sigma: bool = True,
-        grad_checkpointing: bool = False,
+        self, config: SiTConfig | None = None, *, grad_checkpointing: bool = False, **fields: Any
     ) -> None:
         super().__init__()
-        _check_config(
-            input_size=input_size,
-            patch_size=patch_size,
-            in_channels=in_channels,
-            hidden_size=hidden_size,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
-            class_dropout_prob=class_dropout_prob,
-            num_classes=num_classes,
-        )
-        self.input_size = input_size
-        self.patch_size = patch_size
-        self.in_channels = in_channels
-        self.hidden_size = hidden_size
-        self.depth = depth
-        self.num_heads = num_heads
-        self.mlp_ratio = mlp_ratio
-        self.class_dropout_prob = class_dropout_prob
-        self.num_classes = num_classes
-        self.learn_sigma = learn_sigma
+        if config is not None and fields:
+            raise ValueError(f"give a SiTConfig or its fields ({', '.join(sorted(fields))}), not both")
+        config = SiTConfig(**fields) if config is None else config
+        self.config = config
+        # Every architecture field is also an attribute (model.depth, model.num_classes, ...), as in the
+        # released class.
+        for name, value in dataclasses.asdict(config).items():
+            setattr(self, name, value)
         self.grad_checkpointing = grad_checkpointing
         self.check_label_range = True
-        self.out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.grid_size = input_size // patch_size
-        self.num_tokens = self.grid_size**2
+        self.out_channels = config.out_channels
+        self.grid_size = config.grid_size
+        self.num_tokens = config.num_tokens
+        hidden_size, patch_size = config.hidden_size, config.patch_size
 
-        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.x_embedder = PatchEmbed(patch_size, config.in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        self.y_embedder = LabelEmbedder(config.num_classes, hidden_size, config.class_dropout_prob)
         # A parameter (not a buffer) so that it is saved under "pos_embed" as in the released
         # checkpoints; frozen because it is the fixed sin-cos table.
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList(SiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            SiTBlock(hidden_size, config.num_heads, config.mlp_ratio) for _ in range(config.depth)
+        )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
-
-    # -- construction helpers --------------------------------------------------------------------
-    @classmethod
-    def from_preset(cls, name: str, **kwargs: Any) -> SiT:
-        """Build a named preset (``"SiT-XL/2"`` ...); ``kwargs`` go to :class:`SiT`. See :func:`build_sit`."""
-        config = _preset(name)
-        clash = sorted(set(kwargs) & set(SiTConfig.__dataclass_fields__))
-        if clash:
-            raise ValueError(
-                f"{name} fixes {', '.join(clash)}; build SiT(...) directly for a custom architecture"
-            )
-        return cls(
-            depth=config.depth,
-            hidden_size=config.hidden_size,
-            num_heads=config.num_heads,
-            patch_size=config.patch_size,
-            **kwargs,
-        )
 
     @property
     def has_null_class(self) -> bool:
@@ -488,126 +398,28 @@ class SiT(nn.Module):
     # -- cost ----------------------------------------------------------------------------------------
     def flops_per_sample(self) -> int:
         """Matmul FLOPs of one forward for one sample at this model's size; see :func:`forward_flops`."""
-        return forward_flops(
-            SiTConfig(self.depth, self.hidden_size, self.num_heads, self.patch_size),
-            input_size=self.input_size,
-            in_channels=self.in_channels,
-            mlp_ratio=self.mlp_ratio,
-            learn_sigma=self.learn_sigma,
-        )
+        from .cost import forward_flops
+
+        return forward_flops(self.config)
 
 
 # ------------------------------------------------------------------------------------------------
-# Presets, parameter and FLOP counts
+# Presets
 # ------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class SiTConfig:
-    """The architecture fields that distinguish the named presets."""
-
-    depth: int
-    hidden_size: int
-    num_heads: int
-    patch_size: int
-
-
-_SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
-_PATCHES = (2, 4, 8)
-
-#: The twelve released configurations, ``"SiT-XL/2"`` ... ``"SiT-S/8"`` (reference sheet §4).
-SIT_PRESETS: dict[str, SiTConfig] = {
-    f"SiT-{size}/{patch}": SiTConfig(depth, hidden, heads, patch)
-    for size, (depth, hidden, heads) in _SIZES.items()
-    for patch in _PATCHES
-}
-
-
-def _preset(name: str) -> SiTConfig:
-    if name not in SIT_PRESETS:
-        raise ValueError(f"unknown SiT preset {name!r}; choose one of {', '.join(SIT_PRESETS)}")
-    return SIT_PRESETS[name]
-
-
-def build_sit(name: str, **kwargs: Any) -> SiT:
-    """Build a preset, e.g. ``build_sit("SiT-XL/2", input_size=64)``.
+def build_sit(name: str, *, grad_checkpointing: bool = False, **data_fields: Any) -> SiT:
+    """Build a preset, e.g. ``build_sit("SiT-XL/2", input_size=64)``: the one way to build one by name.
 
     Args:
         name: a key of :data:`SIT_PRESETS`.
-        **kwargs: other :class:`SiT` arguments (input_size, num_classes, learn_sigma, ...). The preset
-            fields (depth, hidden_size, num_heads, patch_size) are fixed by the name.
+        grad_checkpointing: recompute each block in the backward pass.
+        **data_fields: the fields the preset does not fix (input_size, in_channels, num_classes,
+            class_dropout_prob, learn_sigma, mlp_ratio); see :meth:`SiTConfig.from_preset`.
 
     Raises:
-        ValueError: unknown name (the message lists the presets) or a kwarg that overrides a preset field.
+        ValueError: unknown name (the message lists the presets) or a field the preset fixes.
     """
-    return SiT.from_preset(name, **kwargs)
+    return SiT(SiTConfig.from_preset(name, **data_fields), grad_checkpointing=grad_checkpointing)
 
 
-#: Released-style table of constructors: ``SiT_models["SiT-XL/2"](input_size=32, num_classes=1000)``.
+#: The released name for :func:`build_sit`: ``SiT_models["SiT-XL/2"](input_size=32, num_classes=1000)``.
 SiT_models: dict[str, Callable[..., SiT]] = {name: functools.partial(build_sit, name) for name in SIT_PRESETS}
-
-
-def num_parameters(
-    config: SiTConfig | str,
-    *,
-    input_size: int = 32,
-    in_channels: int = 4,
-    mlp_ratio: float = 4.0,
-    learn_sigma: bool = True,
-    num_classes: int = 1000,
-    class_dropout_prob: float = 0.1,
-    trainable_only: bool = False,
-) -> int:
-    """Closed-form parameter count of a SiT (``trainable_only`` leaves out the frozen ``pos_embed``).
-
-    With D = hidden, p = patch, C = in_channels, m = int(D * mlp_ratio), T = (input_size / p)^2,
-    K = num_classes + [class_dropout_prob > 0] and O = C * (2 if learn_sigma else 1)::
-
-        T D                       pos_embed
-        + D C p^2 + D             patch projection
-        + 256 D + D + D^2 + D     time MLP
-        + K D                     label table
-        + depth * (12 D^2 + 2 m D + 10 D + m)   qkv, proj, fc1, fc2, adaLN (weights + biases)
-        + p^2 O D + p^2 O + 2 D^2 + 2 D         final linear and its adaLN
-    """
-    cfg = _preset(config) if isinstance(config, str) else config
-    d, p = cfg.hidden_size, cfg.patch_size
-    m = int(d * mlp_ratio)
-    tokens = (input_size // p) ** 2
-    out = in_channels * (2 if learn_sigma else 1)
-    rows = num_classes + int(class_dropout_prob > 0)
-    block = (3 * d * d + 3 * d) + (d * d + d) + (m * d + m) + (d * m + d) + (6 * d * d + 6 * d)
-    count = (
-        (d * in_channels * p * p + d)
-        + (TIME_FREQUENCY_DIM * d + d + d * d + d)
-        + rows * d
-        + cfg.depth * block
-        + (p * p * out * d + p * p * out + 2 * d * d + 2 * d)
-    )
-    return count if trainable_only else count + tokens * d
-
-
-def forward_flops(
-    config: SiTConfig | str,
-    *,
-    input_size: int = 32,
-    in_channels: int = 4,
-    mlp_ratio: float = 4.0,
-    learn_sigma: bool = True,
-) -> int:
-    """Matmul FLOPs (2 x multiply-accumulates) of one forward pass for one sample.
-
-    Counts every matrix product: the per-token linear layers (patch projection, qkv, attention
-    output, MLP, final linear, including the unused learn_sigma half that is still computed), the
-    per-sample conditioning layers (time MLP, adaLN), and attention's ``Q K^T`` and ``A V`` (2 T^2 D
-    MACs per block). Element-wise work (norms, softmax, GELU, biases) is left out. For SiT-XL/2 at
-    input_size 32 this is about 2 x 118.6 G (DiT's "118.6 Gflops" is a MAC count). A training step
-    costs about 3 x this (forward + backward), plus one more forward with grad checkpointing.
-    """
-    cfg = _preset(config) if isinstance(config, str) else config
-    d, p, depth = cfg.hidden_size, cfg.patch_size, cfg.depth
-    m = int(d * mlp_ratio)
-    tokens = (input_size // p) ** 2
-    out = in_channels * (2 if learn_sigma else 1)
-    per_token = d * in_channels * p * p + depth * (4 * d * d + 2 * m * d) + p * p * out * d
-    attention = depth * 2 * tokens * tokens * d
-    per_sample = TIME_FREQUENCY_DIM * d + d * d + depth * 6 * d * d + 2 * d * d
-    return 2 * (tokens * per_token + attention + per_sample)
