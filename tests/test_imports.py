@@ -39,3 +39,17 @@ def test_unknown_attribute_is_an_attribute_error() -> None:
 
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         sit_lightning.Nope  # noqa: B018
+
+
+def test_every_public_name_resolves_and_internals_stay_internal() -> None:
+    import sit_lightning
+    import sit_lightning.sampling as sampling
+
+    for name in sit_lightning.__all__:
+        assert getattr(sit_lightning, name) is not None, name
+    for name in sampling.__all__:
+        assert getattr(sampling, name) is not None, name
+    # step functions, drift formulas and constants are reached through their modules only
+    internals = {"SIGMA_AT_DATA", "sde_drift", "time_vector", "last_step_update", "ode_step"}
+    assert not internals & set(sampling.__all__)
+    assert not any(hasattr(sampling, name) for name in internals)

@@ -12,21 +12,37 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-# public name -> submodule that defines it (imported on first access)
+# public name -> submodule that defines it (imported on first access). This is the surface an
+# integrator needs; everything else is reached through its module (sit_lightning.sampling.sde, ...).
 _LAZY = {
+    # the network
     "SiT": "sit_lightning.models",
+    "SiTConfig": "sit_lightning.models",
     "SiT_models": "sit_lightning.models",
     "build_sit": "sit_lightning.models",
     "load_released_sit": "sit_lightning.models",
+    # paths and the training objective
     "Interpolant": "sit_lightning.interpolants",
     "Linear": "sit_lightning.interpolants",
     "GVP": "sit_lightning.interpolants",
     "VP": "sit_lightning.interpolants",
     "TrainingObjective": "sit_lightning.objective",
+    "UniformTimeSampler": "sit_lightning.objective",
+    "LogitNormalTimeSampler": "sit_lightning.objective",
+    # samplers
+    "ModelField": "sit_lightning.sampling",
+    "ClassifierFreeGuidance": "sit_lightning.sampling",
+    "sample_ode": "sit_lightning.sampling",
+    "sample_sde": "sit_lightning.sampling",
+    "likelihood": "sit_lightning.sampling",
+    # the Lightning pieces
     "SiTModule": "sit_lightning.module",
     "LatentDataModule": "sit_lightning.data",
     "DigitsDataModule": "sit_lightning.data",
     "EMACallback": "sit_lightning.callbacks",
+    "SampleGridCallback": "sit_lightning.callbacks",
+    "FIDCallback": "sit_lightning.callbacks",
+    "ThroughputCallback": "sit_lightning.callbacks",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -11,7 +11,6 @@ from gaussian_mixture import ExactField, GaussianMixture2D, default_mixture
 
 from sit_lightning.interpolants import GVP, VP, Interpolant, Linear
 from sit_lightning.sampling import (
-    ADAPTIVE_METHODS,
     FIXED_STEP_NFE,
     FunctionField,
     ModelField,
@@ -20,6 +19,7 @@ from sit_lightning.sampling import (
     shift_time,
     time_grid,
 )
+from sit_lightning.sampling.ode import ADAPTIVE_METHODS
 
 PATHS = [Linear(), GVP(), VP()]
 PATH_IDS = ["linear", "gvp", "vp"]

@@ -24,11 +24,11 @@ from sit_lightning.sampling import (
     SigmaDiffusion,
     WKLEta,
     from_released,
-    last_step_update,
     make_diffusion,
     sample_sde,
     time_grid,
 )
+from sit_lightning.sampling.sde import last_step_update
 
 Z_BOUND = 4.0
 SWEEP_SAMPLES = 3000  # 1000 steps x 35 settings: fewer samples than the ODE test, same 4-SE bounds

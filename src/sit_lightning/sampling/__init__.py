@@ -20,66 +20,53 @@ from .diffusion import (
     from_released,
     make_diffusion,
 )
-from .field import FunctionField, ModelField, VectorField, VelocityScore, time_vector
+from .field import FunctionField, ModelField, VectorField
 from .grids import GRIDS, GridName, default_interval, shift_time, time_grid
-from .guidance import ClassifierFreeGuidance, GuidanceCalls
-from .likelihood import LikelihoodResult, likelihood, standard_normal_logp
-from .ode import ADAPTIVE_METHODS, FIXED_STEP_NFE, ODE_METHODS, OdeMethod, ode_step, sample_ode
+from .guidance import ClassifierFreeGuidance
+from .likelihood import LikelihoodResult, likelihood
+from .ode import FIXED_STEP_NFE, ODE_METHODS, OdeMethod, sample_ode
 from .result import SampleResult
-from .sde import (
-    DEFAULT_LAST_STEP_SIZE,
-    LAST_STEPS,
-    SDE_METHODS,
-    SIGMA_AT_DATA,
-    LastStep,
-    SdeMethod,
-    last_step_update,
-    sample_sde,
-    sde_drift,
-)
+from .sde import LAST_STEPS, SDE_METHODS, LastStep, SdeMethod, sample_sde
 
+# What a user needs: the samplers and their results, the fields they integrate, guidance, the
+# diffusion coefficients of the SDE, and the names of every closed choice. Step functions, drift
+# formulas and constants stay in their modules (``sit_lightning.sampling.sde`` ...).
 __all__ = [
-    "ClassifierFreeGuidance",
-    "GuidanceCalls",
-    "LikelihoodResult",
-    "likelihood",
-    "standard_normal_logp",
-    "ADAPTIVE_METHODS",
-    "DEFAULT_LAST_STEP_SIZE",
-    "DIFFUSIONS",
-    "FIXED_STEP_NFE",
-    "GRIDS",
-    "LAST_STEPS",
-    "ODE_METHODS",
-    "RELEASED_FORMS",
-    "SDE_METHODS",
-    "SIGMA_AT_DATA",
-    "WKL",
-    "Constant",
-    "Decreasing",
-    "DiffusionCoefficient",
-    "FunctionField",
-    "GridName",
-    "IncreasingDecreasing",
-    "LastStep",
-    "LinearDecay",
-    "ModelField",
-    "OdeMethod",
-    "SampleResult",
-    "SdeMethod",
-    "SigmaDiffusion",
-    "VectorField",
-    "VelocityScore",
-    "WKLEta",
-    "default_interval",
-    "from_released",
-    "last_step_update",
-    "make_diffusion",
-    "ode_step",
+    # samplers and their results
     "sample_ode",
     "sample_sde",
-    "sde_drift",
-    "shift_time",
+    "likelihood",
+    "SampleResult",
+    "LikelihoodResult",
+    # what they integrate
+    "VectorField",
+    "ModelField",
+    "FunctionField",
+    "ClassifierFreeGuidance",
+    # SDE diffusion coefficients
+    "DiffusionCoefficient",
+    "WKL",
+    "WKLEta",
+    "SigmaDiffusion",
+    "Constant",
+    "LinearDecay",
+    "Decreasing",
+    "IncreasingDecreasing",
+    "make_diffusion",
+    "from_released",
+    # closed choices, grids and costs
+    "DIFFUSIONS",
+    "RELEASED_FORMS",
+    "ODE_METHODS",
+    "OdeMethod",
+    "SDE_METHODS",
+    "SdeMethod",
+    "LAST_STEPS",
+    "LastStep",
+    "GRIDS",
+    "GridName",
+    "FIXED_STEP_NFE",
     "time_grid",
-    "time_vector",
+    "shift_time",
+    "default_interval",
 ]
