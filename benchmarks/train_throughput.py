@@ -46,8 +46,8 @@ of one forward, 2 x 118.6 G for SiT-XL/2 at 256 px; backward counted as two forw
 ``peak_flops`` measured in the same run as the best of a few timed 8192 x 8192 x 8192 bf16 matmuls
 (2 n^3 FLOP each), or given by ``--peak-tflops``.
 
-Section 10 of the reference sheet (shared/reference/sit-reference.md) lists the released code's
-measured speed on one H100 with the same step, warm-up and median; compare through the ``vs
+The released model code's speed was measured on one H100 with the same step, warm-up and median
+(docs/performance.md); compare through the ``vs
 released`` ratio and the MFU, which do not depend on the card's clocks the way img/s does.
 
 CPU mode (``--device cpu``, a smoke run): no TF32 settings; the bf16 recipes use

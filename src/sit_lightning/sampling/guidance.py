@@ -17,7 +17,7 @@ between velocity, score, noise and data is affine in the model output, ``a_t * o
 converting gives the same velocity as converting both outputs first and then guiding.
 
 Channels: guidance applies to all output channels by default. ``guidance_channels=3`` reproduces the
-released code (``SiT.forward_with_cfg``, reference sheet §3.4), where channels ``>= 3`` keep the
+released code (``SiT.forward_with_cfg`` in the released ``models.py``), where channels ``>= 3`` keep the
 conditional output. The released function returns a doubled batch whose second half is a copy of the
 guided rows except that its channel 3 is the raw unconditional output; this wrapper returns only the
 ``N`` conditional rows, which is what the sampler integrates.
