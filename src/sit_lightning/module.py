@@ -22,6 +22,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
+from .data.contract import TrainingData, require
 from .models import SIT_PRESETS, SiT, SiTConfig, SiTPreset
 from .objective import TrainingObjective
 from .randomness import keyed_rand, keyed_randn
@@ -186,12 +187,14 @@ class SiTModule(LightningModule):
     # ---- setup ---------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         """Check the data against the network before any step runs."""
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is not None:
-            self.check_data(
-                latent_shape=getattr(datamodule, "latent_shape", None),
-                num_classes=getattr(datamodule, "num_classes", None),
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if datamodule is not None:  # None: fit() was given bare data loaders, nothing to check against
+            data = require(
+                datamodule,
+                TrainingData,
+                for_what="SiTModule (to check the data against the network before the first step)",
             )
+            self.check_data(latent_shape=data.latent_shape, num_classes=data.num_classes)
         # The network's label-range check reads label values: one host-device sync per forward, which
         # stalls an asynchronous GPU loop. Labels from our datamodules are checked when written, and
         # an out-of-range label still fails inside nn.Embedding.

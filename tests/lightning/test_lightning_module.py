@@ -133,6 +133,18 @@ def test_latent_shape_mismatch_fails_before_training_with_a_clear_message() -> N
         module.check_data(num_classes=10)
 
 
+def test_a_datamodule_without_shape_and_classes_is_named_before_training() -> None:
+    class Bare(pl.LightningDataModule):  # batches only: no latent_shape, no num_classes
+        def train_dataloader(self):
+            return RandomLatentsDataModule(global_batch_size=4, num_samples=8).train_dataloader()
+
+    trainer = pl.Trainer(**trainer_kwargs(max_steps=1))
+    with pytest.raises(
+        TypeError, match=r"SiTModule .*latent_shape, num_classes .*Bare has no latent_shape, num_classes"
+    ):
+        trainer.fit(SiTModule(**TINY_MODEL), Bare())
+
+
 def test_unknown_arch_lists_the_presets() -> None:
     with pytest.raises(ValueError, match="SiT-XL/2"):
         SiTModule(arch="SiT-M/2")  # type: ignore[arg-type]
