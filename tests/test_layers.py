@@ -1,0 +1,79 @@
+"""The import arrows of docs/architecture.md: every module of the package imports only the layers below it.
+
+Read from the source (every ``import`` and ``from ... import``, relative or absolute, at any depth of
+a file), so a lazy import inside a function counts too.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "sit_lightning"
+
+#: layer -> the layers it may import (docs/architecture.md). The lower half imports no Lightning.
+ALLOWED: dict[str, set[str]] = {
+    "randomness": set(),
+    "interpolants": set(),
+    "models": set(),
+    "objective": {"interpolants"},
+    "sampling": {"interpolants"},
+    "evaluation": {"randomness"},
+    "data": {"randomness"},
+    "callbacks": {"data", "evaluation", "sampling", "randomness"},
+    "module": {"data", "models", "objective", "sampling", "randomness", "interpolants"},
+    "cli": {"module", "data", "models", "objective", "sampling", "evaluation", "callbacks"},
+}
+
+
+def _layer_of(path: Path) -> str:
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return parts[0]
+
+
+def _imported_layers(source: str, package: list[str]) -> set[str]:
+    """Top-level subpackages of sit_lightning that ``source``, a file in ``package``, imports."""
+    layers = set()
+    for node in ast.walk(ast.parse(source)):
+        names: list[str] = []
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package[: len(package) - (node.level - 1)]
+            names.append(".".join([*base, *([node.module] if node.module else [])]))
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("sit_lightning."):
+            names.append(node.module.removeprefix("sit_lightning."))
+        elif isinstance(node, ast.Import):
+            names += [
+                a.name.removeprefix("sit_lightning.")
+                for a in node.names
+                if a.name.startswith("sit_lightning.")
+            ]
+        layers.update(name.split(".")[0] for name in names if name)
+    return layers
+
+
+def test_every_layer_imports_only_the_layers_below_it() -> None:
+    files = [p for p in PACKAGE.rglob("*.py") if p != PACKAGE / "__init__.py"]
+    assert len(files) > 30
+    wrong = []
+    for path in files:
+        layer = _layer_of(path)
+        assert layer in ALLOWED, (
+            f"{path.relative_to(PACKAGE)}: layer {layer!r} is not in docs/architecture.md"
+        )
+        package = list(path.relative_to(PACKAGE).parent.parts)  # where a relative import starts
+        for other in _imported_layers(path.read_text(), package) - {layer}:
+            if other not in ALLOWED[layer]:
+                wrong.append(f"{path.relative_to(PACKAGE)} imports {other}")
+    assert not wrong, "imports against the layering of docs/architecture.md:\n" + "\n".join(wrong)
+
+
+def test_the_checker_sees_relative_absolute_and_lazy_imports() -> None:
+    source = (
+        "import torch\n"
+        "from .grids import time_grid\n"  # same layer
+        "from ..interpolants import VP\n"
+        "def f():\n    from ..module import SiTModule\n"
+        "def g():\n    import sit_lightning.data.stream\n"
+    )
+    assert _imported_layers(source, ["sampling"]) == {"sampling", "interpolants", "module", "data"}
+    assert _imported_layers("from . import fid\n", ["callbacks"]) == {"callbacks"}
