@@ -13,6 +13,7 @@ import yaml
 
 from sit_lightning.cli import main
 from sit_lightning.interpolants import GVP
+from sit_lightning.models import SIT_PRESETS, SiTConfig
 from sit_lightning.module import SiTModule
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -41,6 +42,11 @@ def _resolved(config: Path, *extra: str) -> dict:
     return yaml.safe_load(out)
 
 
+def _arch(model: dict) -> SiTConfig:
+    """The network a resolved ``model:`` section builds (``arch`` is a preset name or SiTConfig's fields)."""
+    return SIT_PRESETS[model["arch"]] if isinstance(model["arch"], str) else SiTConfig(**model["arch"])
+
+
 def test_every_config_parses_and_matches_its_name() -> None:
     names = sorted(p.name for p in CONFIGS.glob("*.yaml"))
     assert {"digits.yaml", "sit_b_gvp.yaml", "sit_xl_linear_512.yaml", "sit_b_vp_noise.yaml"} <= set(names)
@@ -54,17 +60,17 @@ def test_every_config_parses_and_matches_its_name() -> None:
         if match is None:
             assert name == "digits.yaml", f"unexpected config {name}"
             assert config["data"]["class_path"] == "sit_lightning.data.DigitsDataModule"
-            assert config["model"]["in_channels"] == 1 and config["model"]["input_size"] == 8
+            assert _arch(config["model"]).in_channels == 1 and _arch(config["model"]).input_size == 8
             continue
         size, path, variant = match.group(1), match.group(2), match.group(3) or ""
         objective = config["model"]["objective"]["init_args"]
-        assert config["model"]["arch"] == ARCH[size], name
+        assert _arch(config["model"]).preset_name == ARCH[size], name
         assert objective["path"] == path, name
         assert objective["prediction"] == (
             "noise" if variant == "_noise" else "score" if "score" in variant else "velocity"
         )
         assert objective["loss_weight"] == WEIGHT.get(variant, "none"), name
-        assert config["model"]["input_size"] == (64 if variant == "_512" else 32), name
+        assert _arch(config["model"]).input_size == (64 if variant == "_512" else 32), name
         assert config["data"]["init_args"]["global_batch_size"] == 256, name
         assert config["trainer"]["precision"] == "bf16-mixed", name
         ema = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("EMACallback")]
@@ -79,7 +85,9 @@ def test_print_config_shows_the_full_resolved_configuration() -> None:
         "init_args": {"lr": 1e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0, "fused": None},
     }
     assert model["lr_scheduler"] is None  # constant learning rate
-    assert (model["class_dropout_prob"], model["learn_sigma"], model["num_classes"]) == (0.1, True, 1000)
+    assert model["arch"] == "SiT-B/2"
+    arch = _arch(model)
+    assert (arch.class_dropout_prob, arch.learn_sigma, arch.num_classes) == (0.1, True, 1000)
     assert model["objective"]["init_args"]["time_sampler"] is None  # uniform
     assert config["seed_everything"] == 0
     assert config["trainer"]["max_steps"] == 400_000
@@ -117,7 +125,7 @@ def test_help_lists_every_subcommand() -> None:
 
 def test_data_that_does_not_fit_the_model_is_a_one_line_error(tmp_path) -> None:
     code, _, err = _run(
-        ["fit", "--config", str(CONFIGS / "digits.yaml"), "--model.input_size", "16",
+        ["fit", "--config", str(CONFIGS / "digits.yaml"), "--model.arch.input_size", "16",
          "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"]
     )  # fmt: skip
     assert code == 2
