@@ -9,12 +9,12 @@ by the FID/accuracy callbacks (:meth:`train_images`, :meth:`test_images`).
 from __future__ import annotations
 
 from functools import cached_property
-from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from sit_lightning.data.contract import LabelledImages
 from sit_lightning.data.stream import SampleStreamDataModule
 
 __all__ = ["DigitsDataModule", "DigitsSource", "LabelledImages", "DIGITS_MAX_VALUE", "digits_to_unit_range"]
@@ -23,13 +23,6 @@ DIGITS_MAX_VALUE = 16.0  # pixel values of load_digits are integers 0..16
 DIGITS_SHAPE = (1, 8, 8)
 DIGITS_NUM_CLASSES = 10
 DIGITS_TEST_SIZE = 297  # 1797 = 1500 train + 297 test
-
-
-class LabelledImages(NamedTuple):
-    """Images ``(n, 1, 8, 8)`` float32 in [-1, 1] and labels ``(n,)`` int64."""
-
-    x: Tensor
-    y: Tensor
 
 
 def digits_to_unit_range(values: np.ndarray) -> np.ndarray:

@@ -329,10 +329,12 @@ class SampleStreamDataModule(pl.LightningDataModule):
 
     # ----------------------------------------------------------------- to implement
     def train_source(self) -> SampleSource:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement train_source() -> SampleSource")
 
     def val_source(self) -> SampleSource | None:
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement val_source() -> SampleSource | None (None: no validation)"
+        )
 
     # ----------------------------------------------------------------- ranks
     def _rank_world(self) -> tuple[int, int]:
