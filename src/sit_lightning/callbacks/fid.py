@@ -16,6 +16,13 @@ real digits score). With ``feature="inception"`` (the ImageNet FID; needs ``.[fi
 module, give ``reference_stats`` (a ``.pt`` from :func:`~sit_lightning.evaluation.fid.save_statistics`
 or an ADM ``.npz``), or a data module with ``test_images()``.
 
+What the callback reads from the data module (:mod:`sit_lightning.data.contract`) is checked when the fit
+starts, not at the first evaluation: ``train_images()`` with ``feature="digits"`` or ``floor=True``,
+``test_images()`` without ``reference_stats``; a data module without them fails with a ``TypeError``
+that says which setting needs what. The floor is the one optional score: with ``floor=None`` (the
+default) it is reported when the data module has ``train_images()`` and left out when it does not
+(latent data has no pixel images to score).
+
 Under DDP each rank generates its interleaved share of the indices; torchmetrics sums the FID
 states over ranks and the accuracy counts are summed by the strategy.
 """
@@ -31,6 +38,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
+from ..data.contract import RealTestImages, RealTrainImages, missing, require
 from ..evaluation.digits_classifier import DigitsClassifier, DigitsFeatures, load_or_train_digits_classifier
 from ..evaluation.fid import FIDScorer, frechet_distance, load_statistics, module_device
 from ..evaluation.images import LatentDecoder, make_decoder
@@ -38,6 +46,13 @@ from ..evaluation.sample_plan import LabelMode, generate, rank_share, sample_lab
 from .sample_grid import SampleGridCallback, log_dir_of
 
 __all__ = ["FIDCallback", "SampleQuality", "conditional_accuracy"]
+
+# what each setting needs from the data module, for require()'s message
+_FOR_JUDGE = "FIDCallback(feature='digits') (to train its judge classifier on the real training images)"
+_FOR_REFERENCE = (
+    "FIDCallback without reference_stats (to compute the reference statistics from real held-out images)"
+)
+_FOR_FLOOR = "FIDCallback(floor=True) (to score the real training images against the reference)"
 
 
 class SampleQuality(NamedTuple):
@@ -91,7 +106,9 @@ class FIDCallback(Callback):
             accuracy), ``inception`` (needs ``.[fid]``) or an ``nn.Module`` with ``num_features``.
         reference_stats: file of reference statistics; default: computed from the data module's
             ``test_images()`` and cached.
-        floor: also report the FID of the data module's ``train_images()`` against the reference.
+        floor: also report the FID of the data module's ``train_images()`` against the reference (what
+            real images score): True requires ``train_images()``, False never reports it, None (default)
+            reports it when the data module has ``train_images()``.
         cache_dir: where the classifier and reference statistics are cached; default
             ``<default_root_dir>/eval_cache``.
         decoder: None for pixel data; a diffusers ``AutoencoderKL`` path/hub id for latents.
@@ -113,7 +130,7 @@ class FIDCallback(Callback):
         batch_size: int = 500,
         feature: Literal["digits", "inception"] | nn.Module = "digits",
         reference_stats: str | None = None,
-        floor: bool = True,
+        floor: bool | None = None,
         cache_dir: str | None = None,
         decoder: str | LatentDecoder | None = None,
         latent_scale: float = 0.18215,
@@ -141,7 +158,7 @@ class FIDCallback(Callback):
         self.batch_size = int(batch_size)
         self.feature = feature
         self.reference_stats = reference_stats
-        self.floor = bool(floor)
+        self.floor = floor
         self.cache_dir = cache_dir
         self.decoder = make_decoder(decoder, latent_scale)
         self.report = bool(report)
@@ -157,18 +174,29 @@ class FIDCallback(Callback):
     def _cache_dir(self, trainer: pl.Trainer) -> Path:
         return Path(self.cache_dir) if self.cache_dir else Path(trainer.default_root_dir) / "eval_cache"
 
+    def check_datamodule(self, datamodule: object | None) -> None:
+        """Raise ``TypeError`` if ``datamodule`` lacks what these settings read from it (see the module doc)."""
+        if self.feature == "digits":
+            require(datamodule, RealTrainImages, for_what=_FOR_JUDGE)
+        if self.reference_stats is None:
+            require(datamodule, RealTestImages, for_what=_FOR_REFERENCE)
+        if self.floor:
+            require(datamodule, RealTrainImages, for_what=_FOR_FLOOR)
+
+    def _scores_floor(self, datamodule: object | None) -> bool:
+        if self.floor is None:
+            return datamodule is not None and not missing(datamodule, RealTrainImages)
+        return self.floor
+
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> FIDScorer:
         if self.scorer is not None:
             return self.scorer
-        datamodule = getattr(trainer, "datamodule", None)
+        datamodule = trainer.datamodule
+        self.check_datamodule(datamodule)
         cache = self._cache_dir(trainer)
         extractor: Literal["inception"] | nn.Module
         if self.feature == "digits":
-            if datamodule is None or not hasattr(datamodule, "train_images"):
-                raise ValueError(
-                    "feature='digits' needs a data module with train_images() (DigitsDataModule)"
-                )
-            train = datamodule.train_images()
+            train = require(datamodule, RealTrainImages, for_what=_FOR_JUDGE).train_images()
             self.judge = load_or_train_digits_classifier(train.x, train.y, cache_dir=cache)
             extractor = DigitsFeatures(self.judge)
         else:
@@ -177,17 +205,14 @@ class FIDCallback(Callback):
         if self.reference_stats is not None:
             reference = load_statistics(self.reference_stats)
         else:
-            if datamodule is None or not hasattr(datamodule, "test_images"):
-                raise ValueError("give reference_stats, or a data module with test_images()")
-            test = datamodule.test_images()
+            test = require(datamodule, RealTestImages, for_what=_FOR_REFERENCE).test_images()
             reference = FIDScorer.cached_statistics(extractor, test.x, cache, f"{dataset}-test")
             if self.judge is not None:
                 self.judge_test_accuracy = conditional_accuracy(self.judge, test.x, test.y)
         self.scorer = FIDScorer(extractor, reference, rank=trainer.global_rank).to(pl_module.device)
-        if self.floor and datamodule is not None and hasattr(datamodule, "train_images"):
-            train_stats = FIDScorer.cached_statistics(
-                extractor, datamodule.train_images().x, cache, f"{dataset}-train"
-            )
+        if self._scores_floor(datamodule):
+            real_train = require(datamodule, RealTrainImages, for_what=_FOR_FLOOR).train_images()
+            train_stats = FIDScorer.cached_statistics(extractor, real_train.x, cache, f"{dataset}-train")
             self.floor_fid = frechet_distance(train_stats, reference)
         return self.scorer
 
@@ -247,6 +272,11 @@ class FIDCallback(Callback):
                 logger.log_metrics(metrics, step=trainer.global_step)
 
     # ---- hooks ------------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # the callback evaluates during fit only; fail now rather than after hours of training
+        if stage == "fit":
+            self.check_datamodule(trainer.datamodule)
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fit_start = time.perf_counter()
 
