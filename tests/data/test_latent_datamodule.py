@@ -100,14 +100,9 @@ def test_global_batches_do_not_depend_on_ranks_or_workers(shard_dir: Path) -> No
             torch.testing.assert_close(got, want[name], rtol=0, atol=0)
 
 
-def test_datamodule_metadata_and_shape_check(shard_dir: Path) -> None:
+def test_datamodule_metadata(shard_dir: Path) -> None:
     dm = LatentDataModule(str(shard_dir), num_workers=0, pin_memory=False, global_batch_size=8)
     assert dm.latent_shape == SHAPE and dm.num_classes == 5
-    dm.check_latent_shape((4, 4, 4))
-    with pytest.raises(
-        ValueError, match=r"have shape \(C, H, W\) = \(4, 4, 4\), the model expects \(4, 32, 32\)"
-    ):
-        dm.check_latent_shape((4, 32, 32))
     torch.testing.assert_close(dm.denormalize(torch.ones(1, *SHAPE)), torch.ones(1, *SHAPE) / SD_VAE_SCALE)
     loader = dm.train_dataloader()
     assert len(loader) == N // 8
@@ -144,3 +139,22 @@ def test_source_rejects_nothing_silently(shard_dir: Path) -> None:
     source: LatentSource = dm.train_source()
     with pytest.raises(IndexError, match="out of range"):
         source.load(np.array([N]), np.array([0]))
+
+
+def test_shards_of_another_latent_shape_stop_the_fit_before_any_step(shard_dir: Path) -> None:
+    """The shards' index, read through the data contract, is checked against the network in setup."""
+    import lightning.pytorch as pl
+
+    from sit_lightning.models import SiTConfig
+    from sit_lightning.module import ShapeMismatchError, SiTModule
+
+    dm = LatentDataModule(str(shard_dir), num_workers=0, pin_memory=False, global_batch_size=8)
+    arch = SiTConfig(input_size=8, in_channels=4, num_classes=5, depth=1, hidden_size=32, num_heads=2)
+    module = SiTModule(arch=arch)  # expects (4, 8, 8); the shards hold (4, 4, 4)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    with pytest.raises(ShapeMismatchError, match=r"latent shape \(4, 4, 4\).*\(4, 8, 8\).*input_size"):
+        trainer.fit(module, dm)
+    assert trainer.global_step == 0

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sit_lightning.data.stream import SampleStreamDataModule
 from sit_lightning.data.shards import LatentShards
+from sit_lightning.data.stream import SampleStreamDataModule
 from sit_lightning.randomness import keyed_generator, keyed_rand, keyed_randn
 
 __all__ = ["LatentDataModule", "LatentSource", "FLIP_STREAM", "POSTERIOR_STREAM"]
@@ -146,20 +146,13 @@ class LatentDataModule(SampleStreamDataModule):
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        """``(C, H, W)`` of one latent, from the index."""
+        """``(C, H, W)`` of one latent, from the index (``SiTModule`` checks it against the network)."""
         return self.shards.latent_shape
 
     @property
     def num_classes(self) -> int:
+        """Number of classes, from the index."""
         return self.shards.num_classes
-
-    def check_latent_shape(self, expected: tuple[int, int, int]) -> None:
-        """Raise ``ValueError`` when the shards' latent shape is not what the model expects."""
-        if tuple(expected) != tuple(self.latent_shape):
-            raise ValueError(
-                f"latents in {self.data_dir} have shape (C, H, W) = {self.latent_shape}, the model expects "
-                f"{tuple(expected)}: check the model's input_size/in_channels or precompute at another image size"
-            )
 
     def denormalize(self, x: Tensor) -> Tensor:
         """Model samples ``x_1`` -> unscaled VAE latents for ``vae.decode``."""
