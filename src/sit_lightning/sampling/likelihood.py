@@ -1,54 +1,13 @@
 """Exact likelihood of data under a flow model: the probability-flow ODE with its divergence.
 
-Time convention: t = 0 is noise, t = 1 is data (see :mod:`sit_lightning.interpolants`). Along a
-solution ``x_t`` of the probability-flow ODE ``dx/dt = v(x, t)`` the marginal density obeys the
-continuity equation, ``d/dt log p_t(x_t) = -div v(x_t, t)`` (instantaneous change of variables,
-Chen et al. 2018, FFJORD; SiT paper App. B), hence
+Along a solution of ``dx/dt = v(x, t)`` (t = 0 noise, t = 1 data), ``d/dt log p_t(x_t) = -div v``
+(instantaneous change of variables; SiT paper App. B), so :func:`likelihood` integrates ``(x, div v)``
+from the data end ``t1`` back to the noise end ``t0`` and adds the ``N(0, I)`` prior there. One network
+evaluation per solver stage (velocity and divergence from the same forward pass), one Hutchinson probe
+per trajectory, bits/dim with optional dequantisation of 8-bit pixels.
 
-    log p_{t1}(x_{t1}) = log p_{t0}(x_{t0}) - int_{t0}^{t1} div v(x_t, t) dt.
-
-:func:`likelihood` integrates the pair ``(x, delta)`` with ``dx/dt = v`` and ``d delta/dt = div v``
-backward, from the data end ``t1`` (``x`` given, ``delta = 0``) to the noise end ``t0``; then
-``delta(t0) = int_{t1}^{t0} div v dt`` and ``log p_{t1}(x) = log N(x_{t0}; 0, I) + delta(t0)``.
-
-Which density it is. The result is the density of ``x_{t1} = alpha_{t1} x_1 + sigma_{t1} x_0`` under the
-model, i.e. of the data convolved with a Gaussian of std ``sigma_{t1}`` and scaled by ``alpha_{t1}``:
-
-- Linear and GVP with a velocity model: ``t1 = 1`` (``sigma = 0``), the data density itself;
-- score or noise models on Linear/GVP: ``t1 = 1 - 1e-3`` (the conversion to velocity divides by
-  ``sigma_t``), so ``sigma_{t1} = 1e-3`` (Linear) or ``1.6e-3`` (GVP);
-- VP: ``t1 = 1 - 1e-3`` always, because ``sigma_1 = 0`` makes ``d sigma / dt`` infinite; there
-  ``alpha_{t1} = 0.99995`` and ``sigma_{t1} = 0.0105`` for the default ``beta`` range: the density of the
-  data scaled by 0.99995 and convolved with a Gaussian of std 0.0105, close to but NOT the data density.
-
-The prior at ``t0`` is ``N(0, I)`` unless ``prior_logp`` is given. That is exact for Linear and GVP
-(``alpha_0 = 0, sigma_0 = 1``). VP's ``t = 0`` keeps ``alpha_0 = exp(-5.025) = 0.0066`` of the data:
-the true ``p_0`` is the data scaled by 0.0066 plus ``N(0, (1 - alpha_0^2) I)``, so the ``N(0, I)`` prior
-is off by about ``alpha_0 E[x_1]^T z`` (first order in ``alpha_0``): for data with mean of size 1 per
-dimension that is several 1e-3 nats per dimension (measured 7.7e-3 on a 4-d Gaussian with mean ~1),
-for zero-mean data only ``O(alpha_0^2) = 4e-5``.
-
-Cost: ONE network evaluation per solver stage. The velocity and its divergence come from the same
-forward pass (the released code runs the network twice per evaluation): Hutchinson's estimator
-``div v ~ eps^T (dv/dx) eps`` is one vector-Jacobian product; the exact divergence is ``D`` of them
-(one per dimension, reusing the forward pass), for small data only. The Hutchinson probe ``eps`` is
-drawn ONCE per trajectory and kept for the whole solve (the released code redraws it at every
-evaluation, which makes the integrand a different function at every stage and breaks adaptive
-step-size control). With a fixed probe the estimate of ``log p`` is unbiased; the trajectory
-``x_t`` itself does not depend on the probe.
-
-Bits per dimension. ``bits_per_dim = nll_nats / (D ln 2)`` with ``D`` the number of dimensions of one
-sample (``C * H * W``; for SiT these are VAE latent dimensions, not pixels). For 8-bit images scaled
-to [-1, 1] by ``x = 2 k / 255 - 1`` (``k`` in ``{0..255}``, the ADM/SiT convention), pass
-``dequantize=True``: uniform noise of one bin ``Delta = 2 / 255`` is added, ``x + Delta u`` with
-``u ~ U[0, 1)^D``, and the NLL is re-expressed in pixel units ``k + u`` in ``[0, 256)``: by the change
-of variables ``x = Delta (k + u) - 1``, ``log p_pixel = log p_x + D log Delta``, so
-
-    nll_nats = -log p_x(x + Delta u) + D log(1 / Delta),    bits_per_dim = nll_nats / (D ln 2),
-
-which bounds the discrete NLL: ``-log P(k) <= E_u[-log p_pixel(k + u)]`` (Jensen), the standard
-dequantised bits/dim (Theis et al. 2016; Ho et al. 2020). ``D log(1 / Delta) / (D ln 2) =
-log2(127.5) = 6.994`` bits per dimension for 8 bits.
+The derivation, which density each path and prediction yields at its ends (VP's ``t1 < 1`` and its
+``alpha_0 > 0`` prior error), and the bits/dim algebra: docs/guidance_likelihood.md, section 2.
 """
 
 from __future__ import annotations
