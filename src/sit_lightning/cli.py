@@ -10,35 +10,58 @@ LightningDataModule by ``class_path`` (``sit_lightning.data.LatentDataModule`` o
 ``sit_lightning.data.DigitsDataModule``); ``trainer:`` the Lightning Trainer (precision, strategy,
 devices, callbacks such as :class:`~sit_lightning.callbacks.EMACallback`). Every choice is typed,
 so a typo fails at parse time with the list of valid values.
+
+A config file may build on others with a top-level ``base:`` key, a path relative to the file or a
+list of them (``configs/base/`` holds the shared ImageNet settings). :func:`main` turns
+``--config FILE`` into ``--config BASE ... --config FILE``, bases first and recursively, so the file
+overrides its bases key by key (a list such as ``trainer.callbacks`` is replaced whole, as
+jsonargparse does for any repeated ``--config``). ``--print_config`` and the saved ``config.yaml``
+show the merged result without ``base``.
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
+import yaml
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from .module import ConfigurationError, SiTModule
 
-__all__ = ["PRECOMPUTE_SUBCOMMAND", "SiTLightningCLI", "main"]
+__all__ = ["BASE_KEY", "PRECOMPUTE_SUBCOMMAND", "SiTLightningCLI", "expand_config_bases", "main"]
 
 #: Subcommand that encodes images to latent shards (not a Trainer method, so dispatched before LightningCLI).
 PRECOMPUTE_SUBCOMMAND = "precompute-latents"
-_DESCRIPTION = "SiT (Scalable Interpolant Transformers): train, validate and sample with PyTorch Lightning."
+#: Top-level key of a config file that names the config file(s) it builds on.
+BASE_KEY = "base"
+_CONFIG_FLAGS = ("-c", "--config")
+_DESCRIPTION = (
+    "SiT (Scalable Interpolant Transformers): train, validate and sample with PyTorch Lightning. "
+    f"A config file may name the configs it builds on with a top-level '{BASE_KEY}:' key "
+    "(a path relative to the file, or a list of paths); see docs/training.md."
+)
 _PRECOMPUTE_HELP = (
     "Encode an ImageFolder tree into VAE latent shards (resumable; see --help of the subcommand)."
 )
 
 
 class SiTLightningCLI(LightningCLI):
-    """LightningCLI whose ``--help`` also lists ``precompute-latents`` (run by :func:`main`)."""
+    """LightningCLI whose configs may hold ``base:`` and whose ``--help`` lists ``precompute-latents``."""
 
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # The module's default objective (None -> TrainingObjective()) spelled out, so that --print_config
-        # shows the path, prediction, weighting and time sampler in full.
-        parser.set_defaults({"model.objective": {"class_path": "sit_lightning.objective.TrainingObjective"}})
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        parser = super().init_parser(**kwargs)
+        # main() has already put the bases before the file; here the key only has to be accepted.
+        # A suppressed help keeps it out of --help, --print_config and the saved config.yaml, whose
+        # merged content no longer needs its bases.
+        parser.add_argument(
+            f"--{BASE_KEY}", type=str | list[str] | None, default=None, help=argparse.SUPPRESS
+        )
+        return parser
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
         super()._add_subcommands(parser, **kwargs)
@@ -53,6 +76,96 @@ class SiTLightningCLI(LightningCLI):
         precompute_parser.add_function_arguments(precompute_latents, as_positional=True)
         subcommands.add_subcommand(PRECOMPUTE_SUBCOMMAND, precompute_parser, help=_PRECOMPUTE_HELP)
 
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # The module's default objective (None -> TrainingObjective()) spelled out, so that --print_config
+        # shows the path, prediction, weighting and time sampler in full.
+        parser.set_defaults({"model.objective": {"class_path": "sit_lightning.objective.TrainingObjective"}})
+
+
+def _load_yaml(text: str) -> Any:
+    """``text`` as YAML, or None where it is not YAML (jsonargparse reports that, naming the file and line)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
+
+
+def _read_bases(config: Path) -> list[str]:
+    """The paths under ``base:`` in ``config``, as written (empty when it has none)."""
+    content = _load_yaml(config.read_text())
+    bases = content.get(BASE_KEY) if isinstance(content, dict) else None
+    if bases is None:
+        return []
+    if isinstance(bases, str):
+        return [bases]
+    if isinstance(bases, list) and bases and all(isinstance(base, str) for base in bases):
+        return bases
+    raise ConfigurationError(f"{config}: '{BASE_KEY}' must be a path or a list of paths, got {bases!r}")
+
+
+def _with_bases(config: Path, chain: tuple[Path, ...], order: list[Path]) -> None:
+    """Append the bases of ``config`` (depth first, each file once) and then ``config`` to ``order``."""
+    if config.resolve() in [link.resolve() for link in chain]:
+        cycle = " -> ".join(str(link) for link in (*chain, config))
+        raise ConfigurationError(f"config bases form a cycle: {cycle}")
+    for base in _read_bases(config):
+        base_path = Path(os.path.normpath(config.parent / base))
+        if not base_path.is_file():
+            raise ConfigurationError(
+                f"{config}: {BASE_KEY} file {base!r} does not exist (looked for {base_path})"
+            )
+        _with_bases(base_path, (*chain, config), order)
+    if config.resolve() not in [done.resolve() for done in order]:  # a base shared by two bases: once, first
+        order.append(config)
+
+
+def expand_config_bases(argv: list[str]) -> list[str]:
+    """Replace each ``--config FILE`` by ``--config BASE ... --config FILE``, bases first.
+
+    ``base:`` (a path relative to the file, or a list of paths) is read recursively, depth first: a base's own
+    bases come before it, bases listed later override earlier ones, the file overrides them all, and a file
+    reached twice within one ``--config`` is applied once, at its first place.
+
+    Args:
+        argv: the command line after the program name, e.g. ``["fit", "--config", "configs/sit_b_gvp.yaml"]``.
+
+    Returns:
+        ``argv`` with every config file's bases spelled out as ``--config`` arguments before it.
+
+    Raises:
+        ConfigurationError: a base file does not exist, the bases form a cycle, ``base:`` is neither a path nor
+            a list of paths, or ``--base`` is given on the command line (it is a key of config files).
+    """
+    expanded: list[str] = []
+    index = 0
+    while index < len(argv):
+        token = argv[index]
+        if token == f"--{BASE_KEY}" or token.startswith(f"--{BASE_KEY}="):
+            raise ConfigurationError(
+                f"'{BASE_KEY}' is a key of config files, not an option: give each config with --config instead"
+            )
+        if token in _CONFIG_FLAGS and index + 1 < len(argv):
+            value, index = argv[index + 1], index + 2
+        elif token.startswith("--config="):
+            value, index = token.split("=", 1)[1], index + 1
+        else:
+            expanded.append(token)
+            index += 1
+            continue
+        if not Path(value).is_file():  # a YAML string, or a missing file that jsonargparse reports
+            inline = _load_yaml(value)
+            if isinstance(inline, dict) and BASE_KEY in inline:
+                raise ConfigurationError(
+                    f"'{BASE_KEY}' is read from config files only, not from --config {value!r}"
+                )
+            expanded += ["--config", value]
+            continue
+        order: list[Path] = []
+        _with_bases(Path(value), (), order)
+        for path in order:
+            expanded += ["--config", str(path)]
+    return expanded
+
 
 def main(args: list[str] | None = None) -> int:
     """Run the ``sit-lightning`` command line.
@@ -63,8 +176,8 @@ def main(args: list[str] | None = None) -> int:
 
     Returns:
         the exit status (0). Parse errors exit through ``SystemExit`` with jsonargparse's message; a data
-        set that does not fit the model, or a schedule shorter than ``trainer.max_steps``, exits with
-        status 2 and a one-line message.
+        set that does not fit the model, a schedule shorter than ``trainer.max_steps``, or a config whose
+        ``base:`` is missing or circular exits with status 2 and a one-line message.
     """
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] == PRECOMPUTE_SUBCOMMAND:
@@ -72,6 +185,10 @@ def main(args: list[str] | None = None) -> int:
 
         return precompute_latents_main(argv[1:])
     try:
+        expanded = expand_config_bases(argv)
+        if args is None:
+            # LightningCLI reads sys.argv itself when args is None (and warns when it is given both)
+            sys.argv[1:] = expanded
         SiTLightningCLI(
             SiTModule,
             LightningDataModule,
@@ -80,7 +197,7 @@ def main(args: list[str] | None = None) -> int:
             auto_configure_optimizers=False,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"prog": "sit-lightning", "description": _DESCRIPTION},
-            args=args,  # None: LightningCLI reads sys.argv itself (and does not warn about both)
+            args=None if args is None else expanded,
         )
     except ConfigurationError as err:
         print(f"sit-lightning: error: {err}", file=sys.stderr)

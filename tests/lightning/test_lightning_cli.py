@@ -1,9 +1,15 @@
 """The ``sit-lightning`` CLI: every config parses to what its name says, typos fail with the choices,
-data that does not fit fails with one line, and the digits demo trains through ``main()``."""
+data that does not fit fails with one line, and the digits demo trains through ``main()``.
+
+The paper configs say only what differs from ``configs/base/`` (``base:``); each still resolves to
+exactly the ``--print_config`` text in ``tests/fixtures/print_config/`` (regenerate with
+``.venv/bin/python tests/fixtures/print_config/regenerate.py`` and review the diff)."""
 
 from __future__ import annotations
 
 import contextlib
+import difflib
+import functools
 import io
 import re
 from pathlib import Path
@@ -11,12 +17,14 @@ from pathlib import Path
 import torch
 import yaml
 
-from sit_lightning.cli import main
+from sit_lightning.cli import expand_config_bases, main
 from sit_lightning.interpolants import GVP
 from sit_lightning.models import SIT_PRESETS, SiTConfig
 from sit_lightning.module import SiTModule
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "print_config"
+REGENERATE = ".venv/bin/python tests/fixtures/print_config/regenerate.py"
 PAPER_CONFIG = re.compile(
     r"sit_(s|b|l|xl)_(linear|gvp|vp)(_512|_score|_score_lambda|_score_likelihood|_noise)?\.yaml"
 )
@@ -36,10 +44,22 @@ def _run(args: list[str]) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-def _resolved(config: Path, *extra: str) -> dict:
+@functools.cache
+def _printed(config: Path, *extra: str) -> str:
+    """``sit-lightning fit --config CONFIG *EXTRA --print_config`` -> stdout (parsed once per session)."""
     code, out, err = _run(["fit", "--config", str(config), *extra, "--print_config"])
     assert code == 0, err[-2000:]
-    return yaml.safe_load(out)
+    return out
+
+
+def _resolved(config: Path, *extra: str) -> dict:
+    return yaml.safe_load(_printed(config, *extra))
+
+
+def _paper_configs() -> list[Path]:
+    configs = [p for p in sorted(CONFIGS.glob("*.yaml")) if PAPER_CONFIG.fullmatch(p.name)]
+    assert len(configs) == 19, [p.name for p in configs]
+    return configs
 
 
 def _arch(model: dict) -> SiTConfig:
@@ -77,6 +97,83 @@ def test_every_config_parses_and_matches_its_name() -> None:
         assert ema and ema[0]["init_args"]["decay"] == 0.9999, name
 
 
+def test_every_paper_config_prints_exactly_its_fixture() -> None:
+    # the fixtures were printed before the configs moved what they share to configs/base/
+    for config in _paper_configs():
+        printed, expected = _printed(config), (FIXTURES / config.name).read_text()
+        diff = "".join(
+            difflib.unified_diff(expected.splitlines(True), printed.splitlines(True), "fixture", "now")
+        )
+        assert printed == expected, f"{config.name} resolves differently; if meant, run {REGENERATE}\n{diff}"
+        assert "base" not in yaml.safe_load(printed)  # merged away: not a setting of the run
+
+
+def test_experiment_configs_say_only_what_differs_from_their_base() -> None:
+    for config in _paper_configs():
+        content = yaml.safe_load(config.read_text())
+        assert set(content) == {"base", "model"}, f"{config.name}: {sorted(content)}"
+    shared = yaml.safe_load((CONFIGS / "base" / "imagenet256.yaml").read_text())
+    assert {"trainer", "data"} <= set(shared) and "base" not in shared
+
+
+def test_bases_come_first_depth_first_each_once(tmp_path) -> None:
+    (tmp_path / "sub").mkdir()
+    root, left, right, leaf = (
+        tmp_path / n for n in ("root.yaml", "sub/left.yaml", "right.yaml", "leaf.yaml")
+    )
+    leaf.write_text("trainer: {max_steps: 1}\n")
+    left.write_text("base: ../leaf.yaml\n")  # relative to the file, not to the working directory
+    right.write_text("base: leaf.yaml\n")
+    root.write_text("base: [sub/left.yaml, right.yaml]\n")
+    assert expand_config_bases(["fit", "-c", str(root), "--config=x: 1", "--trainer.max_steps", "2"]) == [
+        "fit", "--config", str(leaf), "--config", str(left), "--config", str(right), "--config", str(root),
+        "--config", "x: 1", "--trainer.max_steps", "2",
+    ]  # fmt: skip
+    assert expand_config_bases(["fit", "--config", str(leaf)]) == ["fit", "--config", str(leaf)]
+
+
+def test_a_file_overrides_its_base_key_by_key(tmp_path) -> None:
+    config = tmp_path / "short.yaml"
+    config.write_text(f"base: {CONFIGS / 'sit_b_gvp.yaml'}\ntrainer:\n  max_steps: 10\n")
+    resolved = _resolved(config)
+    assert resolved["trainer"]["max_steps"] == 10
+    assert resolved["trainer"]["precision"] == "bf16-mixed"  # from the base's base
+    assert [c["class_path"].rsplit(".", 1)[-1] for c in resolved["trainer"]["callbacks"]] == [
+        "EMACallback", "ModelCheckpoint"
+    ]  # fmt: skip
+    assert resolved["model"]["objective"]["init_args"]["path"] == "gvp"
+
+
+def test_a_missing_or_circular_base_is_a_one_line_error(tmp_path) -> None:
+    config = tmp_path / "exp.yaml"
+    config.write_text("base: base/nowhere.yaml\nmodel: {arch: SiT-B/2}\n")
+    code, _, err = _run(["fit", "--config", str(config), "--print_config"])
+    assert code == 2 and "Traceback" not in err
+    assert f"sit-lightning: error: {config}: base file 'base/nowhere.yaml' does not exist" in err
+    assert str(tmp_path / "base" / "nowhere.yaml") in err
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("base: b.yaml\n")
+    b.write_text("base: [a.yaml]\n")
+    code, _, err = _run(["fit", "--config", str(a)])
+    assert code == 2 and f"config bases form a cycle: {a} -> {b} -> {a}" in err
+    a.write_text("base: {trainer: 1}\n")
+    code, _, err = _run(["fit", "--config", str(a)])
+    assert code == 2 and "'base' must be a path or a list of paths" in err
+    code, _, err = _run(["fit", "--base", str(b)])
+    assert code == 2 and "'base' is a key of config files, not an option" in err
+    code, _, err = _run(["fit", "--config", "{base: b.yaml}"])
+    assert code == 2 and "'base' is read from config files only" in err
+
+
+def test_a_later_config_overrides_an_earlier_one_bases_included() -> None:
+    # sit_xl_linear.yaml sets what sit_b_linear.yaml sets, so the pair resolves to sit_xl_linear.yaml alone
+    pair = _printed(CONFIGS / "sit_b_linear.yaml", "--config", str(CONFIGS / "sit_xl_linear.yaml"))
+    assert pair == (FIXTURES / "sit_xl_linear.yaml").read_text()
+    overlay = _resolved(CONFIGS / "sit_xl_linear.yaml", "--config", str(CONFIGS / "strategy_fsdp2.yaml"))
+    assert overlay["trainer"]["strategy"]["class_path"].endswith("ModelParallelStrategy")
+    assert overlay["trainer"]["max_steps"] == 7_000_000 and len(overlay["trainer"]["callbacks"]) == 2
+
+
 def test_print_config_shows_the_full_resolved_configuration() -> None:
     config = _resolved(CONFIGS / "sit_b_gvp.yaml")
     model = config["model"]
@@ -109,7 +206,12 @@ def test_typos_fail_at_parse_time_listing_the_choices(tmp_path) -> None:
     )
     assert code != 0 and all(choice in err for choice in ("velocity", "score", "noise"))
     typo = tmp_path / "typo.yaml"
-    typo.write_text((CONFIGS / "sit_b_gvp.yaml").read_text().replace("  arch:", "  archh:"))
+    typo.write_text(
+        (CONFIGS / "sit_b_gvp.yaml")
+        .read_text()
+        .replace("  arch:", "  archh:")
+        .replace("base: ", f"base: {CONFIGS}/")
+    )
     code, _, err = _run(["fit", "--config", str(typo), "--print_config"])
     assert code != 0 and "archh" in err
 
