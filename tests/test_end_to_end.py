@@ -62,8 +62,7 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _fit(data_dir: Path, root: Path, *, flip: bool, posterior: bool) -> list[tuple[int, dict]]:
     BatchRecorder.batches.clear()
     code, text = _cli(
-        ["fit", "--model.arch", "SiT-S/2", "--model.input_size", "8", "--model.num_classes", "2",
-         "--model.depth", "1", "--model.hidden_size", "32", "--model.num_heads", "2",
+        ["fit", "--model.arch", "{input_size: 8, num_classes: 2, depth: 1, hidden_size: 32, num_heads: 2}",
          "--data.class_path", "sit_lightning.data.LatentDataModule", "--data.init_args.data_dir", str(data_dir),
          "--data.init_args.global_batch_size", "4", "--data.init_args.num_workers", "0",
          "--data.init_args.pin_memory", "false", f"--data.init_args.flip={str(flip).lower()}",
