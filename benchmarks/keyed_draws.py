@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from sit_lightning.models import SiTConfig
 from sit_lightning.module import SiTModule
 from sit_lightning.randomness import keyed_generator
 
@@ -78,16 +79,10 @@ def _parse_batch(text: str) -> tuple[int, ...]:
 def measure(shape: tuple[int, ...], device: torch.device, warmup: int, reps: int) -> dict[str, float]:
     """Median seconds of each way of drawing one step's ``(t, x_0, drop)`` for a batch of ``shape``."""
     # only the draws are timed: a one-block network of width 32 keeps the set-up cheap
-    module = SiTModule(
-        arch="SiT-S/2",
-        input_size=shape[2],
-        in_channels=shape[1],
-        num_classes=10,
-        seed=SEED,
-        depth=1,
-        hidden_size=32,
-        num_heads=2,
+    tiny = SiTConfig(
+        input_size=shape[2], in_channels=shape[1], num_classes=10, depth=1, hidden_size=32, num_heads=2
     )
+    module = SiTModule(arch=tiny, seed=SEED)
     x_1 = torch.zeros(shape, device=device)
     keys = torch.arange(STEP * shape[0], (STEP + 1) * shape[0], device=device)
     batch = {"x": x_1, "key": keys}
