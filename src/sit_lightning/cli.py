@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from jsonargparse import ActionSubCommands
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -50,6 +51,20 @@ _PRECOMPUTE_HELP = (
 )
 
 
+class SiTArgumentParser(LightningArgumentParser):
+    """A LightningArgumentParser that keeps the action returned by :meth:`add_subcommands`.
+
+    LightningCLI adds its Trainer subcommands to that action and drops it; keeping it lets
+    :meth:`SiTLightningCLI.setup_parser` add ``precompute-latents`` through public API only.
+    """
+
+    subcommands_action: ActionSubCommands | None = None
+
+    def add_subcommands(self, *args: Any, **kwargs: Any) -> ActionSubCommands:
+        self.subcommands_action = super().add_subcommands(*args, **kwargs)
+        return self.subcommands_action
+
+
 class SiTLightningCLI(LightningCLI):
     """LightningCLI whose configs may hold ``base:`` and whose ``--help`` lists ``precompute-latents``."""
 
@@ -63,15 +78,18 @@ class SiTLightningCLI(LightningCLI):
         )
         return parser
 
-    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
-        super()._add_subcommands(parser, **kwargs)
-        subcommands = getattr(parser, "_subcommands_action", None)
-        if subcommands is None:  # jsonargparse internals changed: the dispatch in main() still works
+    def setup_parser(
+        self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]
+    ) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        subcommands = getattr(self.parser, "subcommands_action", None)
+        if not add_subcommands or subcommands is None:  # a parser_class without SiTArgumentParser's hook
             return
         from jsonargparse import ArgumentParser
 
         from .data.precompute import precompute_latents
 
+        # Listed for --help only: main() dispatches the subcommand before LightningCLI sees it.
         precompute_parser = ArgumentParser(description=_PRECOMPUTE_HELP)
         precompute_parser.add_function_arguments(precompute_latents, as_positional=True)
         subcommands.add_subcommand(PRECOMPUTE_SUBCOMMAND, precompute_parser, help=_PRECOMPUTE_HELP)
@@ -197,6 +215,7 @@ def main(args: list[str] | None = None) -> int:
             auto_configure_optimizers=False,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"prog": "sit-lightning", "description": _DESCRIPTION},
+            parser_class=SiTArgumentParser,
             args=None if args is None else expanded,
         )
     except ConfigurationError as err:
