@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 
 import numpy as np
@@ -12,13 +13,18 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 
+from sit_lightning.callbacks import EMACallback
 from sit_lightning.callbacks.fid import FIDCallback, conditional_accuracy
 from sit_lightning.callbacks.sample_grid import SampleGridCallback
 from sit_lightning.data import DigitsDataModule
 from sit_lightning.evaluation.digits_classifier import DigitsFeatures
 from sit_lightning.evaluation.fid import FIDScorer, feature_statistics, frechet_distance
 from sit_lightning.evaluation.images import to_uint8
+from sit_lightning.models import SiTConfig
 from sit_lightning.module import SiTModule
+from sit_lightning.randomness import keyed_randn
+from sit_lightning.sampling import ModelField, sample_ode
+from sit_lightning.sampling.guidance import ClassifierFreeGuidance
 
 SAMPLER = dict(sampler="ode", steps=2, method="euler")
 PER_CLASS = 2
@@ -29,8 +35,10 @@ NUM_FID = 40
 def fitted(tmp_path_factory):
     root = tmp_path_factory.mktemp("fit")
     module = SiTModule(
-        arch="SiT-S/2", input_size=8, in_channels=1, num_classes=10, learn_sigma=False,
-        depth=1, hidden_size=32, num_heads=2, patch_size=4,
+        arch=SiTConfig(
+            input_size=8, in_channels=1, num_classes=10, learn_sigma=False,
+            depth=1, hidden_size=32, num_heads=2, patch_size=4,
+        ),
         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
     )  # fmt: skip
     # the FID callback comes first: its report must still name the final grid
@@ -103,16 +111,37 @@ def test_grid_goes_to_tensorboard(fitted):
     assert {"fid/cfg1", "fid/cfg2", "fid/cond_acc/cfg1", "fid/train_vs_reference"} <= set(scalars)
 
 
+@torch.no_grad()
+def _samples_by_hand(module: SiTModule, labels: torch.Tensor, seed: int, scale: float) -> torch.Tensor:
+    """The samples the FID callback should score, built from the public sampling pieces.
+
+    Not through ``module.sample``: a broken ``sample`` must not produce its own expected values.
+    Sample ``i`` starts from the keyed noise of index ``i``.
+    """
+    network = copy.deepcopy(module.network).eval()
+    if scale != 1.0:
+        network = ClassifierFreeGuidance(network, scale, null_class=module.network.num_classes)
+    objective = module.objective
+    field = ModelField(network, objective.interpolant, objective.prediction, y=labels)
+    noise = keyed_randn(module.latent_shape, seed, "sample", 0, torch.arange(len(labels)))
+    t0, t1 = objective.sample_interval()
+    return sample_ode(field, noise, t0=t0, t1=t1, method=SAMPLER["method"], steps=SAMPLER["steps"]).samples
+
+
 def test_fid_and_accuracy_equal_an_independent_recomputation(fitted):
     module, trainer, _, fid, datamodule, _ = fitted
     results = {r.cfg_scale: r for step, r in fid.history if step == trainer.global_step}
     assert set(results) == {1.0, 2.0}
+    # no EMA in this fit: the callback's EMA samples are those of the live weights
+    assert not any(isinstance(c, EMACallback) for c in trainer.callbacks)
     test = datamodule.test_images()
     features = DigitsFeatures(fid.judge)
     reference = feature_statistics(features(test.x))
+    labels = torch.arange(NUM_FID) % 10  # balanced: label i % 10
+    by_scale = {scale: _samples_by_hand(module, labels, seed=4, scale=scale) for scale in results}
+    assert not torch.allclose(by_scale[1.0], by_scale[2.0], atol=1e-3)  # guidance changes the samples
     for scale, result in results.items():
-        labels = torch.arange(NUM_FID) % 10  # balanced: label i % 10
-        images = module.sample(labels, seed=4, cfg_scale=scale, **SAMPLER).samples
+        images = by_scale[scale]
         assert result.conditional_accuracy == pytest.approx(conditional_accuracy(fid.judge, images, labels))
         expected = frechet_distance(feature_statistics(features(images)), reference)
         assert result.fid == pytest.approx(expected, rel=1e-4)
