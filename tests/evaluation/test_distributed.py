@@ -11,18 +11,36 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import Tensor
 
 from sit_lightning.callbacks.fid import conditional_accuracy
 from sit_lightning.data import DigitsDataModule
 from sit_lightning.evaluation.digits_classifier import DigitsFeatures, load_or_train_digits_classifier
 from sit_lightning.evaluation.fid import feature_statistics, frechet_distance
 from sit_lightning.evaluation.images import image_grid, to_uint8
-from sit_lightning.module import SiTModule
 
 HERE = Path(__file__).resolve().parent
+SRC = HERE.parents[1] / "src"  # the checkout under test, not whatever sit_lightning is installed
 sys.path.insert(0, str(HERE))
 
-from eval_dist_run import GRID_LABELS, NUM_FID, SAMPLER  # noqa: E402
+from eval_dist_run import (  # noqa: E402
+    CFG_SCALES,
+    GRID_LABELS,
+    NUM_FID,
+    SAMPLER,
+    TRAIN_STEPS,
+    build_module,
+)
+
+#: DDP samples in batches of 3 (grid) and 5 (FID), the recomputation all at once.
+LATENT_ATOL = 1e-5
+#: A wrong label or guidance scale must move every sample by far more than the tolerance.
+SENSITIVITY = 100 * LATENT_ATOL
+
+
+def per_sample_gap(a: Tensor, b: Tensor) -> Tensor:
+    """``(N,)`` largest absolute difference of each sample."""
+    return (a - b).flatten(1).abs().amax(dim=1)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +50,8 @@ def ddp_result(tmp_path_factory) -> tuple[dict, Path]:
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         str(HERE / "eval_dist_run.py"), str(workdir),
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
+    path = [str(SRC), str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(path)}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return torch.load(workdir / "result.pt", weights_only=False), workdir
@@ -40,14 +59,19 @@ def ddp_result(tmp_path_factory) -> tuple[dict, Path]:
 
 def test_ddp_scores_and_grid_equal_one_process(ddp_result):
     result, workdir = ddp_result
-    module = SiTModule(
-        arch="SiT-S/2", input_size=8, in_channels=1, num_classes=10, learn_sigma=False,
-        depth=1, hidden_size=32, num_heads=2, patch_size=4,
-    )  # fmt: skip
+    assert Path(result["sit_lightning_file"]).resolve().is_relative_to(SRC.resolve())
+    assert result["global_step"] == TRAIN_STEPS
+    module = build_module()
     module.network.load_state_dict(result["state_dict"])
     # the grid: every cell, in order, although each rank sampled only its interleaved share
     labels = torch.tensor(GRID_LABELS)
-    expected = image_grid(to_uint8(module.sample(labels, seed=3, **SAMPLER).samples))
+    latents = module.sample(labels, seed=3, **SAMPLER).samples
+    shifted = module.sample((labels + 1) % 10, seed=3, **SAMPLER).samples
+    assert per_sample_gap(latents, shifted).min() > SENSITIVITY, (
+        "PRECONDITION: every grid cell must depend on its label, or a rank with wrong labels passes"
+    )
+    torch.testing.assert_close(result["grid_latents"], latents, rtol=0, atol=LATENT_ATOL)
+    expected = image_grid(to_uint8(latents))
     png = torch.from_numpy(np.array(Image.open(result["grid_path"])))
     assert torch.equal(png, expected[0])
     # FID and accuracy over all 31 samples (not 2 x 16, not twice the reference)
@@ -56,12 +80,18 @@ def test_ddp_scores_and_grid_equal_one_process(ddp_result):
     features = DigitsFeatures(judge)
     reference = feature_statistics(features(data.test_images().x))
     scores = {r["cfg_scale"]: r for _, r in result["history"]}
-    assert set(scores) == {1.0, 2.0}
+    assert set(scores) == set(CFG_SCALES) == {1.0, 2.0}
+    fid_labels = torch.arange(NUM_FID) % 10
+    images = {}
     for scale, r in scores.items():
-        fid_labels = torch.arange(NUM_FID) % 10
-        images = module.sample(fid_labels, seed=4, cfg_scale=scale, **SAMPLER).samples
+        images[scale] = module.sample(fid_labels, seed=4, cfg_scale=scale, **SAMPLER).samples
         assert r["num_samples"] == NUM_FID
-        assert r["conditional_accuracy"] == pytest.approx(conditional_accuracy(judge, images, fid_labels))
-        assert r["fid"] == pytest.approx(
-            frechet_distance(feature_statistics(features(images)), reference), rel=1e-4
+        assert r["conditional_accuracy"] == pytest.approx(
+            conditional_accuracy(judge, images[scale], fid_labels)
         )
+        assert r["fid"] == pytest.approx(
+            frechet_distance(feature_statistics(features(images[scale])), reference), rel=1e-4
+        )
+    assert per_sample_gap(images[1.0], images[2.0]).min() > SENSITIVITY, (
+        "PRECONDITION: every FID sample must depend on the guidance scale, or a rank that ignores it passes"
+    )
