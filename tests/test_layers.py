@@ -13,16 +13,17 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "sit_lightning"
 
 #: layer -> the layers it may import (docs/architecture.md). The lower half imports no Lightning.
 ALLOWED: dict[str, set[str]] = {
-    "randomness": set(),
-    "interpolants": set(),
-    "models": set(),
-    "objective": {"interpolants"},
-    "sampling": {"interpolants"},
-    "evaluation": {"randomness"},
-    "data": {"randomness"},
-    "callbacks": {"data", "evaluation", "sampling", "randomness"},
-    "module": {"data", "models", "objective", "sampling", "randomness", "interpolants"},
-    "cli": {"module", "data", "models", "objective", "sampling", "evaluation", "callbacks"},
+    "errors": set(),  # the error classes: every layer may raise them
+    "randomness": {"errors"},
+    "interpolants": {"errors"},
+    "models": {"errors"},
+    "objective": {"interpolants", "errors"},
+    "sampling": {"interpolants", "errors"},
+    "evaluation": {"randomness", "errors"},
+    "data": {"randomness", "errors"},
+    "callbacks": {"data", "evaluation", "sampling", "randomness", "errors"},
+    "module": {"data", "models", "objective", "sampling", "randomness", "interpolants", "errors"},
+    "cli": {"module", "data", "models", "objective", "sampling", "evaluation", "callbacks", "errors"},
 }
 
 

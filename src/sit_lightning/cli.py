@@ -218,8 +218,32 @@ def main(args: list[str] | None = None) -> int:
             parser_class=SiTArgumentParser,
             args=None if args is None else expanded,
         )
-    except ConfigurationError as err:
-        print(f"sit-lightning: error: {err}", file=sys.stderr)
+    except Exception as err:
+        # One line, status 2, for what the user fixes in the inputs: our ConfigurationError (also when a
+        # data-loader worker raised it), Lightning's own MisconfigurationException (e.g. trainer.max_steps
+        # < -1), and a folder that cannot be written (no permission, read-only, full). Anything else is a bug:
+        # its traceback is kept.
+        import errno
+
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+        from .errors import one_line_message
+
+        unwritable = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR)
+        cause = err
+        while cause.__cause__ is not None and not isinstance(cause, ConfigurationError):
+            cause = cause.__cause__  # jsonargparse re-raises a class's error as its own, "from" the original
+        if isinstance(cause, ConfigurationError):
+            message = one_line_message(cause)
+        elif isinstance(err, MisconfigurationException):
+            message = one_line_message(err)
+        elif isinstance(err, OSError) and err.errno in unwritable:
+            message = (
+                f"cannot write {err.filename!r}: {err.strerror}; choose a writable folder with room to spare"
+            )
+        else:
+            raise
+        print(f"sit-lightning: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
     return 0
 

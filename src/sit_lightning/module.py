@@ -23,6 +23,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from .data.contract import TrainingData, require
+from .errors import ConfigurationError, ShapeMismatchError  # defined low so that data/ raises them too
 from .models import SIT_PRESETS, SiT, SiTConfig, SiTPreset
 from .objective import TrainingObjective
 from .randomness import keyed_rand, keyed_randn
@@ -88,14 +89,6 @@ class PaperAdamW(torch.optim.AdamW):
                 p.is_cuda and type(p) in (torch.Tensor, torch.nn.Parameter) for p in tensors
             )
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused or None)
-
-
-class ConfigurationError(ValueError):
-    """Parts of a run's configuration do not fit together (the CLI prints it as one line)."""
-
-
-class ShapeMismatchError(ConfigurationError):
-    """The data do not fit the network (latent shape or number of classes)."""
 
 
 class TrainingDraws(NamedTuple):

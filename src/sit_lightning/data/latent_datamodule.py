@@ -5,11 +5,19 @@ sample ``z = mean + std * n``, both keyed by ``(seed, key)`` -- the sample's pos
 stream -- and never by rank or worker, then applies the index's normalisation (``z * 0.18215`` for the
 SD VAE). This reproduces the released SiT code's on-the-fly ``vae.encode(flip(x)).latent_dist.sample()``
 in distribution, at no VAE cost.
+
+Bad input fails before the first step where it can, as a one-line :class:`~sit_lightning.errors.ConfigurationError`
+of the CLI: a missing shard folder (with the ``precompute-latents`` command that makes it), labels outside
+``[0, num_classes)`` (checked when the shards are opened), ``trainer.max_steps == 0``, and an output folder
+that is not writable or lacks room for a checkpoint (checked in ``setup("fit")``). Non-finite latents are
+found where a batch is made (one ``isfinite`` reduction over the batch, small next to reading its moments)
+and named by shard file and row; ``validate_shards`` checks every value of a folder ahead of time.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,6 +25,7 @@ from torch import Tensor
 
 from sit_lightning.data.shards import LatentShards
 from sit_lightning.data.stream import SampleStreamDataModule
+from sit_lightning.errors import ConfigurationError, DataError, require_writable_folder
 from sit_lightning.randomness import keyed_generator, keyed_rand, keyed_randn
 
 __all__ = ["LatentDataModule", "LatentSource", "FLIP_STREAM", "POSTERIOR_STREAM"]
@@ -27,6 +36,8 @@ VAL_STREAM_PREFIX = "val."  # validation keys restart at 0: their own streams ke
 SPLIT_STREAM = "data.val_split"
 FLIP_PROBABILITY = 0.5
 _KEYED_STEP = 0  # the key already holds the epoch, so the randomness "step" slot stays constant
+#: Copies of the parameters in a checkpoint: weights, EMA weights and AdamW's two moments.
+CHECKPOINT_PARAMETER_COPIES = 4
 
 
 class LatentSource:
@@ -79,8 +90,19 @@ class LatentSource:
         else:
             z = mean
         x = self.shards.normalize(z).to(torch.float32)
+        finite = torch.isfinite(x).flatten(1).all(1)  # (b,): one pass over the batch, no per-sample loop
+        if not bool(finite.all()):
+            self._raise_non_finite(int(rows[int(torch.nonzero(~finite)[0])]))
         y = torch.from_numpy(self.shards.labels[rows].astype(np.int64))
         return {"x": x, "y": y}
+
+    def _raise_non_finite(self, index: int) -> None:
+        file, row = self.shards.locate(index)
+        raise DataError(
+            f"non-finite latent (NaN or inf) in {file}, row {row} (sample {index} of {self.shards.path}); "
+            f"find every bad value with sit_lightning.data.validate_shards({str(self.shards.path)!r}) and make "
+            "the shards again with precompute-latents"
+        )
 
 
 class LatentDataModule(SampleStreamDataModule):
@@ -122,9 +144,11 @@ class LatentDataModule(SampleStreamDataModule):
     ) -> None:
         super().__init__(global_batch_size, num_workers, seed, pin_memory, val_global_batch_size)
         if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+            raise ConfigurationError(f"val_fraction must be in [0, 1), got {val_fraction}")
         if val_dir is not None and val_fraction > 0:
-            raise ValueError("give either val_dir or val_fraction, not both")
+            raise ConfigurationError(
+                f"give either val_dir or val_fraction, not both (val_dir={val_dir!r}, val_fraction={val_fraction})"
+            )
         self.save_hyperparameters()
         self.data_dir = data_dir
         self.flip = flip
@@ -160,6 +184,8 @@ class LatentDataModule(SampleStreamDataModule):
 
     # ----------------------------------------------------------------- splits
     def setup(self, stage: str | None = None) -> None:
+        if stage == "fit" and self.trainer is not None:
+            _check_fit(self.trainer)
         if self._train is not None:
             return
         shards = self.shards
@@ -173,7 +199,7 @@ class LatentDataModule(SampleStreamDataModule):
         elif self.val_dir is not None:
             self._val_shards = LatentShards(Path(self.val_dir))
             if self._val_shards.latent_shape != shards.latent_shape:
-                raise ValueError(
+                raise ConfigurationError(
                     f"val_dir latents have shape {self._val_shards.latent_shape}, "
                     f"data_dir latents {shards.latent_shape}"
                 )
@@ -198,3 +224,26 @@ class LatentDataModule(SampleStreamDataModule):
     def val_source(self) -> LatentSource | None:
         self.setup()
         return self._val
+
+
+def _check_fit(trainer: Any) -> None:
+    """Fail before the first step on a fit that would train nothing or could not save its results."""
+    if trainer.max_steps == 0:
+        raise ConfigurationError(
+            "trainer.max_steps is 0: the fit would train nothing; set trainer.max_steps >= 1, "
+            "or -1 to train for trainer.max_epochs"
+        )
+    checkpoints = list(trainer.checkpoint_callbacks)
+    folders: dict[str, str] = {}
+    for callback in checkpoints:
+        dirpath = getattr(callback, "dirpath", None)
+        if dirpath is not None and "://" not in str(dirpath):  # remote storage is not checked
+            folders.setdefault(str(dirpath), f"{type(callback).__name__} dirpath")
+    writes_root = trainer.loggers or any(getattr(c, "dirpath", None) is None for c in checkpoints)
+    if writes_root and "://" not in str(trainer.default_root_dir):
+        folders.setdefault(str(trainer.default_root_dir), "trainer.default_root_dir")
+    module = trainer.lightning_module
+    parameter_bytes = sum(p.numel() * p.element_size() for p in module.parameters()) if module else 0
+    needed = CHECKPOINT_PARAMETER_COPIES * parameter_bytes if checkpoints else 0
+    for folder, setting in folders.items():
+        require_writable_folder(folder, setting=setting, min_free_bytes=needed)

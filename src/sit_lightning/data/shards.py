@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import DataError, DataNotFoundError
+
 __all__ = [
     "SD_VAE_SCALE",
     "DEFAULT_SHARD_SIZE",
@@ -57,6 +59,10 @@ FORMAT_NAME = "sit-lightning/latent-shards"
 FORMAT_VERSION = 1
 FLIP_AXIS_SIZE = 2  # [plain, horizontally flipped]
 MOMENT_AXIS_SIZE = 2  # [mean, std]
+#: How to make a shard folder, for the message when one is missing.
+PRECOMPUTE_HINT = (
+    "sit-lightning precompute-latents IMAGE_ROOT {path} --vae stabilityai/sd-vae-ft-ema --image_size 256"
+)
 
 Normalization = Literal["scale", "channel"]
 StorageDtype = Literal["float32", "float16"]
@@ -99,21 +105,21 @@ def read_npy_header(path: Path) -> NpyHeader:
 
 
 def _check_npy(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
-    """Raise a ``ValueError`` naming ``path`` when it is missing, has another shape/dtype or is truncated."""
+    """Raise a :class:`DataError` naming ``path`` when it is missing, has another shape/dtype or is truncated."""
     if not path.is_file():
-        raise FileNotFoundError(f"latent shard {path} is missing (listed in the index)")
+        raise DataNotFoundError(f"latent shard {path} is missing (listed in the index)")
     try:
         header = read_npy_header(path)
     except (ValueError, OSError) as err:
-        raise ValueError(f"latent shard {path} has no valid .npy header: {err}") from err
+        raise DataError(f"latent shard {path} has no valid .npy header: {err}") from err
     if header.shape != shape or header.dtype != dtype:
-        raise ValueError(
+        raise DataError(
             f"latent shard {path} holds {header.dtype} {header.shape}, the index expects {dtype} {shape}"
         )
     expected = header.data_offset + int(np.prod(shape)) * dtype.itemsize
     found = path.stat().st_size
     if found != expected:
-        raise ValueError(
+        raise DataError(
             f"latent shard {path} is truncated or padded: expected {expected} bytes, found {found}"
         )
 
@@ -327,20 +333,28 @@ class LatentShards:
         path: the shard folder (holding ``index.json``).
 
     Raises:
-        FileNotFoundError: no index, or a listed shard is missing.
-        ValueError: a shard has another shape/dtype than the index says, or is truncated.
+        DataNotFoundError: no folder, no index, or a listed shard is missing; the message says how to make
+            the shards (a ``FileNotFoundError`` and a ``ConfigurationError``: the CLI prints it as one line).
+        DataError: a shard has another shape/dtype than the index says or is truncated, or a label is
+            outside ``[0, num_classes)`` (the message names the labels file and the row).
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         index_path = self.path / INDEX_FILE
         if not index_path.is_file():
-            raise FileNotFoundError(
-                f"{index_path} not found: not a latent shard folder, or precompute-latents has not finished"
+            make = PRECOMPUTE_HINT.format(path=self.path)
+            if not self.path.exists():
+                raise DataNotFoundError(
+                    f"latent shard folder {str(self.path)!r} does not exist; make the shards with: {make}"
+                )
+            raise DataNotFoundError(
+                f"{index_path} not found: not a latent shard folder, or precompute-latents has not finished; "
+                f"make or complete the shards with: {make}"
             )
         self.index: dict[str, Any] = json.loads(index_path.read_text())
         if self.index.get("format") != FORMAT_NAME or self.index.get("version") != FORMAT_VERSION:
-            raise ValueError(
+            raise DataError(
                 f"{index_path}: format {self.index.get('format')!r} version {self.index.get('version')!r}, "
                 f"expected {FORMAT_NAME!r} version {FORMAT_VERSION}"
             )
@@ -356,7 +370,7 @@ class LatentShards:
         )
         counts = [int(s["count"]) for s in self.index["shards"]]
         if sum(counts) != int(self.index["count"]):
-            raise ValueError(
+            raise DataError(
                 f"{index_path}: shard counts sum to {sum(counts)}, index count is {self.index['count']}"
             )
         for shard, count in zip(self.index["shards"], counts, strict=True):
@@ -368,7 +382,26 @@ class LatentShards:
             if counts
             else np.zeros((0,), np.int64)
         )
+        self._check_labels()
         self._memmaps: list[np.ndarray] | None = None  # opened lazily, per process (never pickled)
+
+    def _check_labels(self) -> None:
+        """Every label in ``[0, num_classes)``: one pass over the labels, which are read anyway."""
+        bound = max(self.num_classes, 1)  # an index without class names holds one (unconditional) class
+        bad = np.nonzero((self.labels < 0) | (self.labels >= bound))[0]
+        if bad.size:
+            index = int(bad[0])
+            file, row = self.locate(index, "labels")
+            raise DataError(
+                f"{file}: label {int(self.labels[index])} at row {row} (sample {index}) is outside "
+                f"[0, {bound}) ({bad.size} labels out of range): the index lists {self.num_classes} "
+                "class_names; make the shards again with precompute-latents"
+            )
+
+    def locate(self, index: int, kind: Literal["moments", "labels"] = "moments") -> tuple[Path, int]:
+        """The shard file (``kind``: moments or labels) holding sample ``index``, and its row in that file."""
+        shard = int(np.searchsorted(self._starts, index, side="right")) - 1
+        return self.path / self.index["shards"][shard][kind], int(index - self._starts[shard])
 
     # ----------------------------------------------------------------- metadata
     def __len__(self) -> int:
@@ -464,13 +497,14 @@ def validate_shards(path: str | os.PathLike, *, chunk: int = 1024) -> ShardRepor
         m = shards.moments(np.arange(start, min(start + chunk, len(shards)))).astype(np.float64)
         if not np.isfinite(m).all():
             bad = start + int(np.nonzero(~np.isfinite(m).reshape(len(m), -1).all(1))[0][0])
-            raise ValueError(f"{path}: non-finite moments at image {bad}")
+            file, row = shards.locate(bad)
+            raise DataError(f"{path}: non-finite moments at image {bad} ({file}, row {row})")
         if (m[:, :, 1] < 0).any():
-            raise ValueError(f"{path}: negative posterior std in images {start}..{start + len(m) - 1}")
+            raise DataError(f"{path}: negative posterior std in images {start}..{start + len(m) - 1}")
         total += m[:, :, 0].sum(axis=(0, 1, 3, 4))
         total_sq += (m[:, :, 0] ** 2 + m[:, :, 1] ** 2).sum(axis=(0, 1, 3, 4))
     if len(shards.labels) and (shards.labels.min() < 0 or shards.labels.max() >= max(shards.num_classes, 1)):
-        raise ValueError(f"{path}: labels outside [0, {shards.num_classes})")
+        raise DataError(f"{path}: labels outside [0, {shards.num_classes})")
     n = max(len(shards) * per_image, 1)
     mean = total / n
     std = np.sqrt(np.maximum(total_sq / n - mean**2, 0.0))
