@@ -347,24 +347,35 @@ class SiTModule(LightningModule):
         weights_only: bool | None = None,
         **kwargs: Any,
     ) -> SiTModule:
-        """Lightning's ``load_from_checkpoint``, also for checkpoints written by sit-lightning 0.1.
+        """Lightning's ``load_from_checkpoint``, without running code from the file, also for 0.1 files.
 
-        Those stored the network as a preset plus overrides (``arch``, ``depth``, ``hidden_size``...);
-        the network must be built from the migrated ``arch`` (:func:`migrate_hparams`) before the
-        weights load, so the stored hyperparameters are read and migrated first.
+        By default (``weights_only`` None or True) the file is read with ``torch.load(weights_only=True)``
+        plus the classes a checkpoint written from Python holds (its ``TrainingObjective``; see
+        :mod:`sit_lightning.trusted_loading`); a file naming any other type fails with a one-line
+        :class:`~sit_lightning.trusted_loading.UntrustedCheckpointError` and nothing in it runs.
+        ``weights_only=False`` unpickles everything: only for files you trust.
+
+        Checkpoints of sit-lightning 0.1 stored the network as a preset plus overrides (``arch``,
+        ``depth``, ``hidden_size``...); the network must be built from the migrated ``arch``
+        (:func:`migrate_hparams`) before the weights load, so the stored hyperparameters are read and
+        migrated first.
         """
-        if "arch" not in kwargs and hparams_file is None:
-            stored = _stored_hparams(checkpoint_path, weights_only)
-            if _is_legacy(stored):
-                kwargs["arch"] = migrate_hparams(stored)["arch"]
-        return super().load_from_checkpoint(
-            checkpoint_path,
-            map_location=map_location,
-            hparams_file=hparams_file,
-            strict=strict,
-            weights_only=weights_only,
-            **kwargs,
-        )
+        from .trusted_loading import refusing_untrusted
+
+        trusted = weights_only is not False
+        with refusing_untrusted(checkpoint_path) if trusted else contextlib.nullcontext():
+            if "arch" not in kwargs and hparams_file is None:
+                stored = _stored_hparams(checkpoint_path, trusted)
+                if _is_legacy(stored):
+                    kwargs["arch"] = migrate_hparams(stored)["arch"]
+            return super().load_from_checkpoint(
+                checkpoint_path,
+                map_location=map_location,
+                hparams_file=hparams_file,
+                strict=strict,
+                weights_only=trusted,
+                **kwargs,
+            )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         hparams = checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY)

@@ -74,6 +74,10 @@ def test_a_python_checkpoint_of_0_1_loads_and_samples_identically() -> None:
     with open(path, "rb") as handle:
         again = SiTModule.load_from_checkpoint(handle, map_location="cpu", weights_only=False)
     assert again.config == module.config
+    # the default loader needs no weights_only=False: it allows exactly the objective's classes
+    trusted = SiTModule.load_from_checkpoint(path, map_location="cpu")
+    assert trusted.config == module.config and isinstance(trusted.objective.interpolant, VP)
+    assert all(torch.equal(v, module.state_dict()[k]) for k, v in trusted.state_dict().items())
 
 
 def _trainer(root: Path, max_steps: int) -> Trainer:

@@ -36,10 +36,12 @@ from .sit import SiT
 
 __all__ = [
     "CheckpointLayout",
+    "UntrustedCheckpointError",
     "Which",
     "load_released_sit",
     "load_released_state_dict",
     "read_layout",
+    "refused_type",
     "sit_from_state_dict",
 ]
 
@@ -74,16 +76,33 @@ def _strip_wrapper_prefixes(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     return state_dict
 
 
+class UntrustedCheckpointError(pickle.UnpicklingError, ValueError):
+    """A pickled file names a type outside the loader's allow-list; nothing from it was run."""
+
+
+def refused_type(error: pickle.UnpicklingError) -> str:
+    """The global or object that torch's weights-only unpickler refused, as named in its message."""
+    found = re.search(r"GLOBAL (\S+)|(?:but got|unrecognized function) (<[^>]*>|\S+)", str(error))
+    return next(filter(None, found.groups())) if found else "an object"
+
+
 def _torch_load(path: Path, map_location: str | torch.device) -> Any:
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as error:
+            # The released train.py pickles its argparse.Namespace of settings next to the weights.
+            # Allow exactly that class (it sets attributes, nothing else); any other global still fails.
+            if "argparse.Namespace" not in str(error):
+                raise
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        # The released train.py pickles its argparse.Namespace of settings next to the weights.
-        # Allow exactly that class; any other foreign global still fails.
-        if "argparse.Namespace" not in str(error):
-            raise
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location=map_location, weights_only=True)
+        raise UntrustedCheckpointError(
+            f"refused to load {path}: it names {refused_type(error)}, which is not among the types released "
+            "SiT weights hold (tensors, plain data, argparse.Namespace) and could run code when unpickled; "
+            "nothing was run. Only if you trust the file: torch.load(path, weights_only=False)"
+        ) from None
 
 
 def load_released_state_dict(
@@ -105,6 +124,8 @@ def load_released_state_dict(
     Raises:
         ValueError: unknown suffix or ``which``, a checkpoint without the requested entry, or a
             file that does not hold a mapping of names to tensors.
+        UntrustedCheckpointError: (a ``ValueError``) the pickle names a type outside tensors, plain
+            data and ``argparse.Namespace``: a possible code payload, of which nothing is run.
     """
     if which not in WHICH:
         raise ValueError(f"which must be one of {WHICH}, got {which!r}")
