@@ -22,6 +22,7 @@ ALLOWED: dict[str, set[str]] = {
     "evaluation": {"randomness", "errors"},
     "data": {"randomness", "errors"},
     "callbacks": {"data", "evaluation", "sampling", "randomness", "errors"},
+    "checkpoint_io": set(),  # Lightning half: atomic checkpoint writes, a `last` that loads
     "trusted_loading": {"models", "objective", "interpolants"},  # Lightning half, but no Lightning
     "module": {
         "data",

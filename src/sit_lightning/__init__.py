@@ -43,6 +43,7 @@ _LAZY = {
     "SampleGridCallback": "sit_lightning.callbacks",
     "FIDCallback": "sit_lightning.callbacks",
     "ThroughputCallback": "sit_lightning.callbacks",
+    "AtomicModelCheckpoint": "sit_lightning.checkpoint_io",
 }
 
 __all__ = ["__version__", *_LAZY]
