@@ -99,6 +99,8 @@ EMA_DECAY: dict[str, float] = {"oc2e3_1500_ema099": 0.99}
 
 def run_one(name: str, seed: int, out: Path, accelerator: str, max_steps: int | None) -> dict:
     """Train one recipe with one model seed in this process and score it; returns the result row."""
+    import dataclasses
+
     import torch
 
     from sit_lightning.callbacks import EMACallback, FIDCallback
@@ -127,8 +129,7 @@ def run_one(name: str, seed: int, out: Path, accelerator: str, max_steps: int | 
     heun8 = FIDCallback(
         num_samples=demo.num_samples,
         seed=demo.seed,
-        steps=8,
-        method="heun",
+        settings=dataclasses.replace(demo.settings, method="heun", steps=8),
         cfg_scales=demo.cfg_scales,
         batch_size=demo.batch_size,
         floor=False,
@@ -137,7 +138,7 @@ def run_one(name: str, seed: int, out: Path, accelerator: str, max_steps: int | 
     cli.trainer.callbacks.append(heun8)
     start = time.perf_counter()
     cli.trainer.fit(cli.model, cli.datamodule)
-    scores = {f"heun{demo.sample_kwargs['steps']}": demo.history, "heun8": heun8.history}
+    scores = {f"heun{demo.settings.steps}": demo.history, "heun8": heun8.history}
     row = {
         "recipe": name,
         "seed": seed,

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any, Literal, NamedTuple
+from typing import IO, Any, NamedTuple, Protocol
 
 import torch
 from lightning.pytorch import LightningModule
@@ -27,6 +27,7 @@ from .errors import ConfigurationError, ShapeMismatchError  # defined low so tha
 from .models import SIT_PRESETS, SiT, SiTConfig, SiTPreset
 from .objective import TrainingObjective
 from .randomness import keyed_rand, keyed_randn
+from .sampling import ModelField, SampleResult, SamplerSettings, WKLEta
 
 __all__ = [
     "ConfigurationError",
@@ -175,7 +176,6 @@ class SiTModule(LightningModule):
         self._profile: LossProfile | None = None
         self._profile_sum: Tensor | None = None
         self._profile_count: Tensor | None = None
-        self._ema_swap: Any = None  # set by EMACallback: a context manager factory, see ema_weights()
 
     # ---- setup ---------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -394,10 +394,19 @@ class SiTModule(LightningModule):
 
     # ---- sampling ------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def ema_weights(self, use_ema: bool = True) -> Iterator[None]:
-        """Within the block the network holds its EMA weights (if an EMACallback is attached)."""
-        if use_ema and self._ema_swap is not None:
-            with self._ema_swap(self):
+    def ema_weights(self, use_ema: bool = True, ema: WeightAverage | None = None) -> Iterator[None]:
+        """Within the block the module's parameters hold averaged (EMA) weights; restored exactly after.
+
+        Args:
+            use_ema: False leaves the live weights in place.
+            ema: the average to swap in (anything with ``swap(module)``, e.g. an ``EMACallback``);
+                default: the one among the attached trainer's callbacks (:func:`find_weight_average`).
+                Without either the live weights stay.
+        """
+        if use_ema and ema is None:
+            ema = find_weight_average(self._trainer)
+        if use_ema and ema is not None:
+            with ema.swap(self):
                 yield
         else:
             yield
@@ -420,52 +429,66 @@ class SiTModule(LightningModule):
     def sample(
         self,
         labels: Tensor | Sequence[int],
+        settings: SamplerSettings | None = None,
         *,
         noise: Tensor | None = None,
         seed: int | None = None,
         indices: Sequence[int] | Tensor | None = None,
-        sampler: Literal["ode", "sde"] = "ode",
-        steps: int | None = None,
-        method: str | None = None,
-        cfg_scale: float = 1.0,
-        guidance_interval: tuple[float, float] | None = None,
-        guidance_channels: int | None = None,
-        diffusion: Any = None,
-        eta: float | None = None,
         use_ema: bool = True,
-        **sampler_kwargs: Any,
-    ) -> Any:
-        """Draw latents with the ODE or SDE sampler of :mod:`sit_lightning.sampling` (EMA weights by default).
+        ema: WeightAverage | None = None,
+        guide: Callable[..., Tensor] | None = None,
+        **keywords: Any,
+    ) -> SampleResult:
+        """Draw latents as :class:`~sit_lightning.sampling.SamplerSettings` say (EMA weights by default).
 
         Every random number is keyed by ``(seed, indices[i])``: the starting noise and, for the SDE,
         the noise of every step. So sample ``i`` is the same whatever batch or rank draws it.
 
         Args:
             labels: ``(N,)`` class labels.
+            settings: sampler, method, steps, grid, SDE diffusion, guidance (default: ``SamplerSettings()``,
+                the Heun ODE with 125 steps). An ODE without ``t0``/``t1`` runs on the objective's
+                ``sample_interval()``; ``diffusion='w_kl_eta'`` uses :attr:`loss_profile` as ``L_t``.
             noise: ``(N, C, H, W)`` starting noise at t0; default: keyed noise (see :meth:`sample_noise`).
             seed: seed of the keyed draws; default: the module's seed.
             indices: ``(N,)`` global sample indices of the keyed draws; default ``0..N-1``.
-            sampler: ``ode`` (probability flow) or ``sde``.
-            steps: grid steps (ODE default 125 Heun steps = 250 NFE; SDE default 250 steps).
-            method: integration method (ODE ``heun``/``euler``/``dopri5``...; SDE ``euler``/``heun``).
-            cfg_scale: classifier-free guidance scale (1 = no guidance, no extra pass).
-            guidance_interval: ``(t_lo, t_hi)`` where guidance is applied; None: everywhere.
-            guidance_channels: guide only the first k channels (3 = released code); None: all.
-            diffusion: SDE diffusion coefficient: a name (``w_kl``, ``sigma``, ...), an instance, or
-                ``w_kl_eta`` which uses :attr:`loss_profile` and ``eta`` (paper eq. 14).
-            eta: the ``eta`` of ``w_kl_eta``.
-            use_ema: sample with the EMA weights when an EMACallback is attached.
-            **sampler_kwargs: passed on to ``sample_ode`` / ``sample_sde`` (``grid``, ``last_step``...).
+            use_ema: sample with the averaged weights (see :meth:`ema_weights`).
+            ema: the averaged weights; default: the attached trainer's ``EMACallback``.
+            guide: autoguidance: a weaker network ``(x, t, y) -> output`` guiding with
+                ``settings.cfg_scale`` instead of the null class (used as given: no EMA swap).
+            **keywords: instead of ``settings``, its fields by name (``steps=16, method="heun"``;
+                None leaves a field at its default), the keyword form of earlier versions.
 
         Returns:
             the sampler's :class:`~sit_lightning.sampling.SampleResult` (``.samples`` are latents at t1,
             ``.nfe`` the network evaluations).
-        """
-        from .sampling import ModelField, WKLEta, sample_ode, sample_sde
-        from .sampling.guidance import ClassifierFreeGuidance
 
-        if sampler not in ("ode", "sde"):
-            raise ValueError(f"sampler must be one of ('ode', 'sde'); got {sampler!r}")
+        Raises:
+            ValueError: for keywords that are not settings, keywords given with ``settings``, or
+                ``w_kl_eta`` before a validation has written the loss profile.
+        """
+        if keywords:
+            if settings is not None:
+                raise ValueError(
+                    f"pass either settings or its fields as keywords, not both; got settings and {sorted(keywords)} "
+                    "(use dataclasses.replace(settings, ...))"
+                )
+            allowed = [f.name for f in dataclasses.fields(SamplerSettings)]
+            unknown = sorted(set(keywords) - set(allowed))
+            if unknown:
+                raise ValueError(f"unknown sampler settings {unknown}; the settings are {allowed}")
+            settings = SamplerSettings(**{k: v for k, v in keywords.items() if v is not None})
+        settings = SamplerSettings() if settings is None else settings
+        if settings.sampler == "ode" and (settings.t0 is None or settings.t1 is None):
+            t0, t1 = self.objective.sample_interval()
+            t0 = t0 if settings.t0 is None else settings.t0
+            t1 = t1 if settings.t1 is None else settings.t1
+            settings = dataclasses.replace(settings, t0=t0, t1=t1)
+        loss_table = None
+        if settings.diffusion == WKLEta.name and settings.sampler == "sde":
+            if self.loss_profile is None:
+                raise ValueError("diffusion='w_kl_eta' needs a loss profile L_t: run a validation first")
+            loss_table = (self.loss_profile.times.tolist(), self.loss_profile.values.tolist())
         seed = self.seed if seed is None else int(seed)
         labels = torch.as_tensor(labels, dtype=torch.long, device=self.device)
         indices = torch.arange(len(labels)) if indices is None else torch.as_tensor(indices).reshape(-1).cpu()
@@ -474,49 +497,43 @@ class SiTModule(LightningModule):
         noise = self.sample_noise(indices, seed) if noise is None else noise
         # the state is integrated in the weights' dtype (float32, or bf16 for a bf16-true model)
         noise = noise.to(device=self.device, dtype=next(self.network.parameters()).dtype)
-        kwargs: dict[str, Any] = dict(sampler_kwargs)
-        if method is not None:
-            kwargs["method"] = method
-        if steps is not None:
-            kwargs["steps"] = steps
-        if sampler == "sde":
-            if diffusion == WKLEta.name:
-                if self.loss_profile is None or eta is None:
-                    raise ValueError(
-                        "diffusion='w_kl_eta' needs eta and a loss profile (run validation first)"
-                    )
-                times, values = self.loss_profile
-                diffusion = WKLEta(eta, times.tolist(), values.tolist())
-            if diffusion is not None:
-                kwargs["diffusion"] = diffusion
-            kwargs.setdefault(
-                "normals",
-                lambda k, shape: keyed_randn(
-                    shape[1:], seed, _STREAM_SAMPLE, k + 1, indices, device=self.device
-                ),
-            )
-        else:
-            kwargs.setdefault("t0", self.objective.sample_interval()[0])
-            kwargs.setdefault("t1", self.objective.sample_interval()[1])
+
+        def normals(k: int, shape: tuple[int, ...]) -> Tensor:  # SDE step k: keyed like the noise
+            return keyed_randn(shape[1:], seed, _STREAM_SAMPLE, k + 1, indices, device=self.device)
+
         was_training = self.network.training
         self.network.eval()
         try:
-            with self.ema_weights(use_ema):
-                net: Any = self.network
-                if cfg_scale != 1.0:
-                    net = ClassifierFreeGuidance(
-                        self.network,
-                        cfg_scale,
-                        null_class=self.network.num_classes,
-                        interval=guidance_interval,
-                        guidance_channels=guidance_channels,
-                    )
+            with self.ema_weights(use_ema, ema):
+                null_class = None if guide is not None else self.network.num_classes
+                net = settings.guided(self.network, null_class=null_class, guide=guide)
                 field = ModelField(net, self.objective.interpolant, self.objective.prediction, y=labels)
-                if sampler == "ode":
-                    return sample_ode(field, noise, **kwargs)
-                return sample_sde(field, noise, **kwargs)
+                sde = settings.sampler == "sde"
+                return settings.sample(field, noise, normals=normals if sde else None, loss_table=loss_table)
         finally:
             self.network.train(was_training)
+
+
+class WeightAverage(Protocol):
+    """Averaged weights that can stand in for a module's own (``EMACallback`` is one)."""
+
+    def swap(self, module: LightningModule) -> contextlib.AbstractContextManager[Any]:
+        """Within the block ``module``'s parameters hold the averaged weights."""
+        ...
+
+
+def find_weight_average(trainer: Any) -> WeightAverage | None:
+    """The callback of ``trainer`` that holds averaged weights (has ``swap(module)``), or None.
+
+    Raises:
+        ValueError: when several callbacks offer averaged weights (which one to sample is ambiguous).
+    """
+    callbacks = getattr(trainer, "callbacks", None) or []
+    found = [cb for cb in callbacks if callable(getattr(cb, "swap", None))]
+    if len(found) > 1:
+        names = [type(cb).__name__ for cb in found]
+        raise ValueError(f"several callbacks hold averaged weights: {names}; pass ema= to choose one")
+    return found[0] if found else None
 
 
 def _arch_config(arch: str | SiTConfig | Mapping[str, Any]) -> SiTConfig:

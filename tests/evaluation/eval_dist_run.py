@@ -21,6 +21,7 @@ from sit_lightning.callbacks.sample_grid import SampleGridCallback
 from sit_lightning.data import DigitsDataModule
 from sit_lightning.models import SiTConfig
 from sit_lightning.module import SiTModule
+from sit_lightning.sampling import SamplerSettings
 
 SAMPLER = dict(sampler="ode", steps=2, method="euler")
 GRID_LABELS = [3, 1, 4, 1, 5, 9, 2]  # 7 cells: 4 on rank 0, 3 (+1 padding) on rank 1
@@ -56,14 +57,16 @@ class RecordingGrid(SampleGridCallback):
 def main() -> None:
     workdir = Path(sys.argv[1])
     module = build_module()
-    grid = RecordingGrid(every_n_steps=0, labels=GRID_LABELS, seed=3, batch_size=3, **SAMPLER)
+    grid = RecordingGrid(
+        every_n_steps=0, labels=GRID_LABELS, seed=3, batch_size=3, settings=SamplerSettings(**SAMPLER)
+    )
     fid = FIDCallback(
         num_samples=NUM_FID,
         seed=4,
         cfg_scales=CFG_SCALES,
         batch_size=5,
         cache_dir=str(workdir / "cache"),
-        **SAMPLER,
+        settings=SamplerSettings(**SAMPLER),
     )
     trainer = Trainer(
         max_steps=TRAIN_STEPS, accelerator="cpu", devices=2, strategy="ddp", logger=False,

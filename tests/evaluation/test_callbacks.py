@@ -23,7 +23,7 @@ from sit_lightning.evaluation.images import to_uint8
 from sit_lightning.models import SiTConfig
 from sit_lightning.module import SiTModule
 from sit_lightning.randomness import keyed_randn
-from sit_lightning.sampling import ModelField, sample_ode
+from sit_lightning.sampling import ModelField, SamplerSettings, sample_ode
 from sit_lightning.sampling.guidance import ClassifierFreeGuidance
 
 SAMPLER = dict(sampler="ode", steps=2, method="euler")
@@ -42,14 +42,16 @@ def fitted(tmp_path_factory):
         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
     )  # fmt: skip
     # the FID callback comes first: its report must still name the final grid
-    grid = SampleGridCallback(every_n_steps=0, num_per_class=PER_CLASS, seed=3, batch_size=7, **SAMPLER)
+    grid = SampleGridCallback(
+        every_n_steps=0, num_per_class=PER_CLASS, seed=3, batch_size=7, settings=SamplerSettings(**SAMPLER)
+    )
     fid = FIDCallback(
         num_samples=NUM_FID,
         seed=4,
         cfg_scales=[1.0, 2.0],
         batch_size=16,
         cache_dir=str(root / "cache"),
-        **SAMPLER,
+        settings=SamplerSettings(**SAMPLER),
     )
     trainer = Trainer(
         max_steps=3, accelerator="cpu", devices=1, logger=TensorBoardLogger(root, name="tb"),

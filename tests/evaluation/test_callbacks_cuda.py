@@ -15,12 +15,12 @@ import torch
 from lightning.pytorch import Trainer
 
 from sit_lightning.callbacks import EMACallback
-from sit_lightning.callbacks import fid as fid_module
 from sit_lightning.callbacks.fid import FIDCallback, conditional_accuracy
 from sit_lightning.callbacks.sample_grid import SampleGridCallback
 from sit_lightning.data import DigitsDataModule
 from sit_lightning.models import SiTConfig
 from sit_lightning.module import SiTModule
+from sit_lightning.sampling import SamplerSettings
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -41,9 +41,11 @@ def test_fid_and_grid_sample_on_the_gpu(tmp_path, monkeypatch, full_float32):
             depth=1, hidden_size=32, num_heads=2, patch_size=4,
         ),
     )  # fmt: skip
-    sampler = dict(sampler="ode", steps=2, method="euler")
-    fid = FIDCallback(every_n_steps=2, num_samples=40, cfg_scales=[1.0, 2.0], batch_size=16, **sampler)
-    grid = SampleGridCallback(every_n_steps=2, num_per_class=1, **sampler)
+    settings = SamplerSettings(sampler="ode", steps=2, method="euler")
+    fid = FIDCallback(
+        every_n_steps=2, num_samples=40, cfg_scales=[1.0, 2.0], batch_size=16, settings=settings
+    )
+    grid = SampleGridCallback(every_n_steps=2, num_per_class=1, settings=settings)
     devices: list[str] = []
     for owner, name in ((fid, "evaluate"), (grid, "log_grid")):
         original = getattr(owner, name)
@@ -55,14 +57,14 @@ def test_fid_and_grid_sample_on_the_gpu(tmp_path, monkeypatch, full_float32):
         setattr(owner, name, recorded)
     # the images and labels the callback scores, one entry per guidance scale and evaluation
     generated: list[tuple[torch.Tensor, torch.Tensor]] = []
-    original_generate = fid_module.generate
+    original_generate = fid.generate
 
-    def recorded_generate(sample_fn, indices, labels, **kwargs):
-        images = original_generate(sample_fn, indices, labels, **kwargs)
+    def recorded_generate(pl_module, indices, labels, **changes):
+        images = original_generate(pl_module, indices, labels, **changes)
         generated.append((images.detach().cpu().clone(), labels.detach().cpu().clone()))
         return images
 
-    monkeypatch.setattr(fid_module, "generate", recorded_generate)
+    monkeypatch.setattr(fid, "generate", recorded_generate)
     trainer = Trainer(
         max_steps=3, accelerator="gpu", devices=1, callbacks=[EMACallback(decay=0.9), fid, grid],
         enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0,

@@ -259,8 +259,12 @@ def _smoke_callbacks() -> str:
     """The demo's callbacks (same order, same classes) with sizes small enough for CI."""
     demo = yaml.safe_load((CONFIGS / "digits.yaml").read_text())["trainer"]["callbacks"]
     small = {
-        "SampleGridCallback": {"every_n_steps": 3, "num_per_class": 1, "steps": 2},
-        "FIDCallback": {"num_samples": 40, "steps": 2, "batch_size": 20},
+        "SampleGridCallback": {
+            "every_n_steps": 3,
+            "num_per_class": 1,
+            "settings": {"method": "heun", "steps": 2},
+        },
+        "FIDCallback": {"num_samples": 40, "settings": {"method": "heun", "steps": 2}, "batch_size": 20},
     }
     for callback in demo:
         callback.setdefault("init_args", {}).update(small.get(callback["class_path"].rsplit(".", 1)[-1], {}))

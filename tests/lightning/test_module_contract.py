@@ -19,7 +19,7 @@ from lightning_toy import TINY_MODEL
 from sit_lightning.callbacks import EMACallback
 from sit_lightning.module import SiTModule
 from sit_lightning.randomness import keyed_randn
-from sit_lightning.sampling import ModelField, WKLEta, sample_ode, sample_sde
+from sit_lightning.sampling import ModelField, SamplerSettings, WKLEta, sample_ode, sample_sde
 from sit_lightning.sampling.guidance import ClassifierFreeGuidance
 
 SEED = 3  # seed of the keyed sampling draws
@@ -48,8 +48,7 @@ def _perturb(network: torch.nn.Module, seed: int) -> None:
 def module_with_ema() -> tuple[SiTModule, EMACallback]:
     """A non-trivial tiny module whose EMA (decay 0.5 over two weight states) differs from its weights."""
     module = SiTModule(**TINY_MODEL, seed=SEED)
-    ema = EMACallback(decay=0.5)
-    ema.setup(None, module, "fit")  # type: ignore[arg-type]  # attaches the swap, as in a fit
+    ema = EMACallback(decay=0.5)  # _sample passes it as ema= (in a fit, sample finds the trainer's)
     _perturb(module.network, seed=1)
     ema.update(module, step=0)  # a copy of these weights
     _perturb(module.network, seed=2)
@@ -108,9 +107,9 @@ def _reference_sde(module: SiTModule, network: torch.nn.Module, diffusion: Any) 
         return sample_sde(field, _noise(module), diffusion=diffusion, normals=normals, **SDE).samples
 
 
-def _sample(module: SiTModule, **kwargs: Any) -> torch.Tensor:
-    options = dict(ODE, sampler="ode", cfg_scale=CFG) | kwargs
-    return module.sample(LABELS, seed=SEED, indices=INDICES, **options).samples
+def _sample(module: SiTModule, ema: EMACallback, use_ema: bool = True, **kwargs: Any) -> torch.Tensor:
+    settings = SamplerSettings(**(dict(ODE, sampler="ode", cfg_scale=CFG) | kwargs))
+    return module.sample(LABELS, settings, seed=SEED, indices=INDICES, use_ema=use_ema, ema=ema).samples
 
 
 # ---- training_step -------------------------------------------------------------------------------
@@ -190,13 +189,13 @@ def test_preconditions_the_network_and_its_ema_are_non_trivial(module_with_ema) 
 def test_sample_uses_the_ema_weights_and_the_null_class(module_with_ema) -> None:
     module, ema = module_with_ema
     live_before = {k: v.clone() for k, v in module.state_dict().items()}
-    with_ema = _sample(module)
+    with_ema = _sample(module, ema)
     averaged = _ema_network(module, ema)
     reference = _reference_ode(module, averaged)
     assert torch.equal(with_ema, reference)
     # a wrong null class (a real class, here 0) would give other samples
     assert not torch.allclose(_reference_ode(module, averaged, null_class=0), reference, atol=1e-3)
-    without = _sample(module, use_ema=False)
+    without = _sample(module, ema, use_ema=False)
     assert torch.equal(without, _reference_ode(module, _live_network(module)))
     assert not torch.allclose(without, with_ema, atol=1e-3)
     # sampling leaves the live weights alone
@@ -207,7 +206,7 @@ def test_sample_guides_only_inside_the_interval(module_with_ema) -> None:
     module, ema = module_with_ema
     network = _ema_network(module, ema)
     reference = _reference_ode(module, network, interval=INTERVAL)
-    assert torch.equal(_sample(module, guidance_interval=INTERVAL), reference)
+    assert torch.equal(_sample(module, ema, guidance_interval=INTERVAL), reference)
     assert not torch.allclose(reference, _reference_ode(module, network), atol=1e-3)
 
 
@@ -215,7 +214,7 @@ def test_sample_guides_only_the_first_channels(module_with_ema) -> None:
     module, ema = module_with_ema
     network = _ema_network(module, ema)
     reference = _reference_ode(module, network, channels=CHANNELS)
-    assert torch.equal(_sample(module, guidance_channels=CHANNELS), reference)
+    assert torch.equal(_sample(module, ema, guidance_channels=CHANNELS), reference)
     assert not torch.allclose(reference, _reference_ode(module, network), atol=1e-3)
 
 
@@ -229,8 +228,8 @@ def test_w_kl_eta_sde_uses_the_loss_profile_and_eta(module_with_ema) -> None:
     assert torch.equal(module.loss_profile.values, values)
     try:
         options = dict(SDE, sampler="sde", cfg_scale=1.0, diffusion="w_kl_eta")
-        samples = _sample(module, eta=ETA, **options)
-        other_eta = _sample(module, eta=4 * ETA, **options)
+        samples = _sample(module, ema, eta=ETA, **options)
+        other_eta = _sample(module, ema, eta=4 * ETA, **options)
     finally:
         module._profile = saved
     network = _ema_network(module, ema)

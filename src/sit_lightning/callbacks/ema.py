@@ -19,8 +19,10 @@ the EMA costs no more memory per rank than the sharded weights. Checkpoints alwa
 EMA tensors keyed by parameter name (gathered on save, re-sliced to the local shard on load), so a
 checkpoint moves freely between single-device, DDP and FSDP2 runs of any world size.
 
-Use the EMA weights with ``with ema.swap(module): ...`` or ``with module.ema_weights(): ...``;
-validation runs on the EMA weights by default (``validate_with_ema``).
+Use the EMA weights with ``with ema.swap(module): ...`` or ``with module.ema_weights(): ...`` (which
+looks the callback up among ``module.trainer.callbacks``; ``EMACallback.find(trainer)`` returns it);
+validation runs on the EMA weights by default (``validate_with_ema``). The callback writes nothing
+into the module.
 """
 
 from __future__ import annotations
@@ -151,7 +153,19 @@ class EMACallback(Callback):
             raise RuntimeError("the EMA is not initialised yet (no training or validation has started)")
         return dict(zip(self._names, self._ema, strict=True))
 
-    # ---- swap ----------------------------------------------------------------------------------
+    # ---- lookup and swap -----------------------------------------------------------------------
+    @classmethod
+    def find(cls, trainer: pl.Trainer | None) -> EMACallback | None:
+        """The trainer's ``EMACallback``, or None when it has none.
+
+        Raises:
+            ValueError: when the trainer has several (which average to sample with is ambiguous).
+        """
+        found = [cb for cb in (trainer.callbacks if trainer is not None else []) if isinstance(cb, cls)]
+        if len(found) > 1:
+            raise ValueError(f"the trainer has {len(found)} EMACallbacks; keep one (or pass ema= explicitly)")
+        return found[0] if found else None
+
     @contextlib.contextmanager
     def swap(self, pl_module: pl.LightningModule) -> Iterator[None]:
         """Within the block the module's parameters hold the EMA weights; restored exactly on exit."""
@@ -169,8 +183,6 @@ class EMACallback(Callback):
 
     # ---- hooks ---------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        # Lets SiTModule.sample / ema_weights (and other callbacks) use this EMA.
-        pl_module._ema_swap = self.swap
         self._module_ref = pl_module
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

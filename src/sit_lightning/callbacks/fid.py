@@ -29,23 +29,26 @@ states over ranks and the accuracy counts are summed by the strategy.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
 from ..data.contract import RealTestImages, RealTrainImages, missing, require
 from ..evaluation.digits_classifier import DigitsClassifier, DigitsFeatures, load_or_train_digits_classifier
 from ..evaluation.fid import FIDScorer, frechet_distance, load_statistics, module_device
-from ..evaluation.images import LatentDecoder, make_decoder
-from ..evaluation.sample_plan import LabelMode, generate, rank_share, sample_labels
+from ..evaluation.images import LatentDecoder
+from ..evaluation.sample_plan import LabelMode, rank_share, sample_labels
+from ..sampling import SamplerSettings
+from .periodic import DEFAULT_LATENT_SCALE, DEFAULT_SETTINGS, PeriodicSamplingCallback
 from .sample_grid import SampleGridCallback, log_dir_of
 
 __all__ = ["FIDCallback", "SampleQuality", "conditional_accuracy"]
+
 
 # what each setting needs from the data module, for require()'s message
 _FOR_JUDGE = "FIDCallback(feature='digits') (to train its judge classifier on the real training images)"
@@ -89,7 +92,7 @@ def conditional_accuracy(
     return correct / max(len(labels), 1)
 
 
-class FIDCallback(Callback):
+class FIDCallback(PeriodicSamplingCallback):
     """FID and conditional accuracy of EMA samples, periodically and at the end of training.
 
     Args:
@@ -97,10 +100,11 @@ class FIDCallback(Callback):
         num_samples: samples per evaluation (2,000 = 200 per class for the digits demo).
         labels: ``balanced`` (label ``i % num_classes``) or ``uniform`` (keyed draw).
         seed: seed of the keyed noise and labels (fixed: every evaluation uses the same noise).
-        sampler: ``ode`` or ``sde``.
-        steps: sampler steps.
-        method: sampler method (None: the sampler's default).
-        cfg_scales: guidance scales to evaluate; 1.0 is no guidance.
+        settings: how to sample: a :class:`~sit_lightning.sampling.SamplerSettings` (YAML: a mapping
+            of its fields, e.g. ``{sampler: ode, method: heun, steps: 16}``). Default:
+            ``SamplerSettings()``, the Heun ODE with 125 steps.
+        cfg_scales: guidance scales to evaluate, each a separate set of samples (it replaces
+            ``settings.cfg_scale``, which must then stay 1); None: ``[settings.cfg_scale]``.
         batch_size: samples per sampler call (results do not depend on it).
         feature: ``digits`` (classifier trained on the train split; also gives conditional
             accuracy), ``inception`` (needs ``.[fid]``) or an ``nn.Module`` with ``num_features``.
@@ -123,9 +127,7 @@ class FIDCallback(Callback):
         num_samples: int = 2000,
         labels: LabelMode = "balanced",
         seed: int = 0,
-        sampler: Literal["ode", "sde"] = "ode",
-        steps: int = 50,
-        method: str | None = None,
+        settings: SamplerSettings = DEFAULT_SETTINGS,
         cfg_scales: list[float] | None = None,
         batch_size: int = 500,
         feature: Literal["digits", "inception"] | nn.Module = "digits",
@@ -133,42 +135,46 @@ class FIDCallback(Callback):
         floor: bool | None = None,
         cache_dir: str | None = None,
         decoder: str | LatentDecoder | None = None,
-        latent_scale: float = 0.18215,
+        latent_scale: float = DEFAULT_LATENT_SCALE,
         use_ema: bool = True,
         report: bool = True,
     ) -> None:
-        if every_n_steps < 0:
-            raise ValueError(f"every_n_steps must be >= 0; got {every_n_steps}")
+        super().__init__(
+            every_n_steps,
+            seed=seed,
+            settings=settings,
+            batch_size=batch_size,
+            decoder=decoder,
+            latent_scale=latent_scale,
+            use_ema=use_ema,
+        )
+        if cfg_scales is not None and self.settings.cfg_scale != 1.0:
+            raise ValueError(
+                f"give the guidance scale once: cfg_scales={cfg_scales} or settings.cfg_scale="
+                f"{self.settings.cfg_scale}, not both"
+            )
         if num_samples < 2:
             raise ValueError(f"num_samples must be >= 2 (FID needs a covariance); got {num_samples}")
         if isinstance(feature, str) and feature not in ("digits", "inception"):
             raise ValueError(f"feature must be 'digits', 'inception' or an nn.Module; got {feature!r}")
-        self.every_n_steps = int(every_n_steps)
         self.num_samples = int(num_samples)
         self.label_mode = labels
         sample_labels([0], 1, labels, 0)  # validates the mode now, not after an hour of training
-        self.seed = int(seed)
-        self.sample_kwargs: dict[str, Any] = {
-            "sampler": sampler,
-            "steps": steps,
-            "method": method,
-            "use_ema": use_ema,
-        }
-        self.cfg_scales = [1.0] if cfg_scales is None else [float(s) for s in cfg_scales]
-        self.batch_size = int(batch_size)
+        self.cfg_scales = [self.settings.cfg_scale] if cfg_scales is None else [float(s) for s in cfg_scales]
+        for scale in self.cfg_scales:  # each scale must make valid settings now, not at the first evaluation
+            dataclasses.replace(self.settings, cfg_scale=scale)
         self.feature = feature
         self.reference_stats = reference_stats
         self.floor = floor
         self.cache_dir = cache_dir
-        self.decoder = make_decoder(decoder, latent_scale)
         self.report = bool(report)
         self.judge: DigitsClassifier | None = None
         self.scorer: FIDScorer | None = None
         self.floor_fid: float | None = None
         self.judge_test_accuracy: float | None = None
         self.history: list[tuple[int, SampleQuality]] = []
-        self._last_step: int | None = None
         self._fit_start: float | None = None
+        self._train_seconds: float | None = None  # fit start -> end of training, before the final evaluation
 
     # ---- setup: judge, extractor, reference ---------------------------------------------------------
     def _cache_dir(self, trainer: pl.Trainer) -> Path:
@@ -227,16 +233,7 @@ class FIDCallback(Callback):
         results = []
         for scale in self.cfg_scales:
             start = time.perf_counter()
-            images = generate(
-                pl_module.sample,
-                share.indices,
-                labels,
-                batch_size=self.batch_size,
-                decode=self.decoder,
-                seed=self.seed,
-                cfg_scale=scale,
-                **self.sample_kwargs,
-            )
+            images = self.generate(pl_module, share.indices, labels, cfg_scale=scale)
             images, kept = images[share.valid.to(images.device)], labels[share.valid]
             scorer.reset()
             scorer.update(images)
@@ -255,7 +252,7 @@ class FIDCallback(Callback):
                 accuracy = float(correct / count)
             results.append(SampleQuality(scale, fid, accuracy, self.num_samples, time.perf_counter() - start))
         self._log(trainer, results)
-        self._last_step = trainer.global_step
+        self.last_step = trainer.global_step
         self.history.extend((trainer.global_step, r) for r in results)
         return results
 
@@ -280,29 +277,23 @@ class FIDCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fit_start = time.perf_counter()
 
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        step = trainer.global_step
-        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
-            self.evaluate(trainer, pl_module)
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[SampleQuality]:
+        """The periodic and final run: :meth:`evaluate`."""
+        return self.evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # on_train_end, not on_fit_end: Lightning's strategy teardown runs between the two and moves the
-        # module to the CPU, so a final evaluation in on_fit_end would sample a GPU run on the CPU.
-        train_seconds = time.perf_counter() - self._fit_start if self._fit_start is not None else None
-        if trainer.global_step != self._last_step:
-            results = self.evaluate(trainer, pl_module)
-        else:
+        if self._fit_start is not None:
+            self._train_seconds = time.perf_counter() - self._fit_start
+        super().on_train_end(trainer, pl_module)  # the final evaluation, on the training device
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the report comes after every callback's on_train_end, so it names the final grid whatever the
+        # order of the callbacks; it samples nothing, so Lightning's teardown before it does not matter
+        if self.report and trainer.global_rank == 0 and self.last_step == trainer.global_step:
             results = [r for s, r in self.history if s == trainer.global_step]
-        # the report names the final grid, whatever the order of the callbacks
-        for callback in trainer.callbacks:
-            if isinstance(callback, SampleGridCallback) and callback.last_logged_step != trainer.global_step:
-                callback.log_grid(trainer, pl_module)
-        if self.report and trainer.global_rank == 0:
-            total = time.perf_counter() - self._fit_start if self._fit_start is not None else None
             # print, not logging: the report is the demo's output and must not depend on log levels
-            print(self.summary(trainer, results, train_seconds, total), flush=True)
+            total = time.perf_counter() - self._fit_start if self._fit_start is not None else None
+            print(self.summary(trainer, results, self._train_seconds, total), flush=True)
 
     def summary(
         self,
@@ -321,7 +312,7 @@ class FIDCallback(Callback):
         lines.append(f"TensorBoard logs : {log_dir}   (tensorboard --logdir {log_dir})")
         for path in grids:
             lines.append(f"sample grid      : {path}")
-        settings = ", ".join(f"{k}={v}" for k, v in self.sample_kwargs.items() if v is not None)
+        settings = self.settings.describe(with_guidance=False) + ("" if self.use_ema else ", live weights")
         lines.append(
             f"samples          : {self.num_samples} ({self.label_mode}"
             + (f", {per_class} per class" if self.label_mode == "balanced" else "")

@@ -10,15 +10,15 @@ default ``nrow = k`` each row holds one class.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from ..evaluation.images import LatentDecoder, image_grid, make_decoder, save_png, to_uint8
-from ..evaluation.sample_plan import generate, rank_share
+from ..evaluation.images import LatentDecoder, image_grid, save_png, to_uint8
+from ..evaluation.sample_plan import rank_share
+from ..sampling import SamplerSettings
+from .periodic import DEFAULT_LATENT_SCALE, DEFAULT_SETTINGS, PeriodicSamplingCallback
 
 __all__ = ["SampleGridCallback", "log_dir_of"]
 
@@ -30,7 +30,7 @@ def log_dir_of(trainer: pl.Trainer) -> Path:
     return Path(log_dir if log_dir else trainer.default_root_dir)
 
 
-class SampleGridCallback(Callback):
+class SampleGridCallback(PeriodicSamplingCallback):
     """Every ``every_n_steps`` optimizer steps (and at the end of training), sample a grid and log it.
 
     The grid goes to TensorBoard (``add_image`` under ``tag`` when the logger is a
@@ -42,10 +42,9 @@ class SampleGridCallback(Callback):
             ``i // num_per_class``); ignored when ``labels`` is given.
         labels: explicit labels of the cells (overrides ``num_per_class``).
         seed: seed of the keyed noise (cell ``i`` gets the noise of sample index ``i``).
-        sampler: ``ode`` or ``sde``.
-        steps: sampler steps.
-        method: sampler method (None: the sampler's default).
-        cfg_scale: classifier-free guidance scale (1 = none).
+        settings: how to sample: a :class:`~sit_lightning.sampling.SamplerSettings` (YAML: a mapping
+            of its fields, e.g. ``{sampler: ode, method: heun, steps: 16, cfg_scale: 1.5}``). Default:
+            ``SamplerSettings()``, the Heun ODE with 125 steps.
         nrow: cells per row; default ``num_per_class`` (one class per row), or ``ceil(sqrt(N))``.
         batch_size: samples per sampler call (the grid does not depend on it).
         decoder: None for pixel-space data; a path or hub id of a diffusers ``AutoencoderKL`` for
@@ -63,42 +62,34 @@ class SampleGridCallback(Callback):
         num_per_class: int = 8,
         labels: list[int] | None = None,
         seed: int = 0,
-        sampler: Literal["ode", "sde"] = "ode",
-        steps: int = 50,
-        method: str | None = None,
-        cfg_scale: float = 1.0,
+        settings: SamplerSettings = DEFAULT_SETTINGS,
         nrow: int | None = None,
         batch_size: int = 256,
         decoder: str | LatentDecoder | None = None,
-        latent_scale: float = 0.18215,
+        latent_scale: float = DEFAULT_LATENT_SCALE,
         use_ema: bool = True,
         upscale: int = 1,
         tag: str = "samples",
     ) -> None:
-        if every_n_steps < 0:
-            raise ValueError(f"every_n_steps must be >= 0; got {every_n_steps}")
+        super().__init__(
+            every_n_steps,
+            seed=seed,
+            settings=settings,
+            batch_size=batch_size,
+            decoder=decoder,
+            latent_scale=latent_scale,
+            use_ema=use_ema,
+        )
         if labels is None and num_per_class < 1:
             raise ValueError(f"num_per_class must be >= 1; got {num_per_class}")
         if upscale < 1:
             raise ValueError(f"upscale must be >= 1; got {upscale}")
-        self.every_n_steps = int(every_n_steps)
         self.num_per_class = int(num_per_class)
         self.labels = None if labels is None else [int(v) for v in labels]
-        self.seed = int(seed)
-        self.sample_kwargs: dict[str, Any] = {
-            "sampler": sampler,
-            "steps": steps,
-            "method": method,
-            "cfg_scale": float(cfg_scale),
-            "use_ema": use_ema,
-        }
         self.nrow = nrow
-        self.batch_size = int(batch_size)
-        self.decoder = make_decoder(decoder, latent_scale)
         self.upscale = int(upscale)
         self.tag = tag
         self.last_path: Path | None = None  # the latest PNG (rank 0)
-        self.last_logged_step: int | None = None
 
     def grid_labels(self, num_classes: int) -> Tensor:
         """``(N,)`` labels of the grid cells."""
@@ -112,15 +103,7 @@ class SampleGridCallback(Callback):
         labels = self.grid_labels(pl_module.network.num_classes)
         n = len(labels)
         share = rank_share(n, trainer.global_rank, trainer.world_size)
-        images = generate(
-            pl_module.sample,
-            share.indices,
-            labels[share.indices],
-            batch_size=self.batch_size,
-            decode=self.decoder,
-            seed=self.seed,
-            **self.sample_kwargs,
-        )
+        images = self.generate(pl_module, share.indices, labels[share.indices])
         if trainer.world_size == 1:
             return images
         gathered = pl_module.all_gather(images)  # (world, per_rank, C, H, W); rank r holds r, r + world, ...
@@ -140,7 +123,7 @@ class SampleGridCallback(Callback):
         """Sample, then (rank 0) write the PNG and the TensorBoard image. Returns the PNG path on rank 0."""
         step = trainer.global_step
         images = self.sample_images(trainer, pl_module)
-        self.last_logged_step = step
+        self.last_step = step
         if trainer.global_rank != 0:
             return None
         grid = self.grid_image(images)
@@ -153,20 +136,6 @@ class SampleGridCallback(Callback):
                 logger.experiment.add_image(self.tag, grid, global_step=step, dataformats="CHW")
         return path
 
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        step = trainer.global_step
-        if (
-            self.every_n_steps
-            and step > 0
-            and step % self.every_n_steps == 0
-            and step != self.last_logged_step
-        ):
-            self.log_grid(trainer, pl_module)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # on_train_end, not on_fit_end: Lightning's teardown (which moves the module to the CPU) runs
-        # between the two, and the final grid must be drawn on the training device.
-        if trainer.global_step != self.last_logged_step:
-            self.log_grid(trainer, pl_module)
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path | None:
+        """The periodic and final run: :meth:`log_grid`."""
+        return self.log_grid(trainer, pl_module)

@@ -27,6 +27,7 @@ from .likelihood import LikelihoodResult, likelihood
 from .ode import FIXED_STEP_NFE, ODE_METHODS, OdeMethod, sample_ode
 from .result import SampleResult
 from .sde import LAST_STEPS, SDE_METHODS, LastStep, SdeMethod, sample_sde
+from .settings import DIFFUSION_NAMES, SAMPLERS, DiffusionName, SamplerKind, SamplerSettings
 
 # What a user needs: the samplers and their results, the fields they integrate, guidance, the
 # diffusion coefficients of the SDE, and the names of every closed choice. Step functions, drift
@@ -35,6 +36,7 @@ __all__ = [
     # samplers and their results
     "sample_ode",
     "sample_sde",
+    "SamplerSettings",
     "likelihood",
     "SampleResult",
     "LikelihoodResult",
@@ -56,7 +58,11 @@ __all__ = [
     "from_released",
     # closed choices, grids and costs
     "DIFFUSIONS",
+    "DIFFUSION_NAMES",
+    "DiffusionName",
     "RELEASED_FORMS",
+    "SAMPLERS",
+    "SamplerKind",
     "ODE_METHODS",
     "OdeMethod",
     "SDE_METHODS",
