@@ -4,6 +4,7 @@
     sit-lightning fit --config configs/sit_b_gvp.yaml --print_config  # the full resolved config
     sit-lightning validate --config ... --ckpt_path last.ckpt
     sit-lightning precompute-latents IMAGE_ROOT OUTPUT_DIR --image_size 256
+    sit-lightning convert last.ckpt sit.pt --to released-sample   # see convert_cli.py
 
 ``model:`` holds the arguments of :class:`~sit_lightning.module.SiTModule`; ``data:`` any
 LightningDataModule by ``class_path`` (``sit_lightning.data.LatentDataModule`` or
@@ -34,10 +35,19 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from .module import ConfigurationError, SiTModule
 
-__all__ = ["BASE_KEY", "PRECOMPUTE_SUBCOMMAND", "SiTLightningCLI", "expand_config_bases", "main"]
+__all__ = [
+    "BASE_KEY",
+    "CONVERT_SUBCOMMAND",
+    "PRECOMPUTE_SUBCOMMAND",
+    "SiTLightningCLI",
+    "expand_config_bases",
+    "main",
+]
 
 #: Subcommand that encodes images to latent shards (not a Trainer method, so dispatched before LightningCLI).
 PRECOMPUTE_SUBCOMMAND = "precompute-latents"
+#: Subcommand that converts checkpoints to and from the released layouts (dispatched before LightningCLI too).
+CONVERT_SUBCOMMAND = "convert"
 #: Top-level key of a config file that names the config file(s) it builds on.
 BASE_KEY = "base"
 _CONFIG_FLAGS = ("-c", "--config")
@@ -48,6 +58,10 @@ _DESCRIPTION = (
 )
 _PRECOMPUTE_HELP = (
     "Encode an ImageFolder tree into VAE latent shards (resumable; see --help of the subcommand)."
+)
+_CONVERT_HELP = (
+    "Convert checkpoints: Lightning .ckpt -> released train.py / sample.py layouts or .safetensors, "
+    "released files -> a checkpoint fit can start from (see --help of the subcommand)."
 )
 
 
@@ -87,12 +101,16 @@ class SiTLightningCLI(LightningCLI):
             return
         from jsonargparse import ArgumentParser
 
+        from .convert_cli import convert_checkpoint
         from .data.precompute import precompute_latents
 
         # Listed for --help only: main() dispatches the subcommand before LightningCLI sees it.
         precompute_parser = ArgumentParser(description=_PRECOMPUTE_HELP)
         precompute_parser.add_function_arguments(precompute_latents, as_positional=True)
         subcommands.add_subcommand(PRECOMPUTE_SUBCOMMAND, precompute_parser, help=_PRECOMPUTE_HELP)
+        convert_parser = ArgumentParser(description=_CONVERT_HELP)
+        convert_parser.add_function_arguments(convert_checkpoint, as_positional=True)
+        subcommands.add_subcommand(CONVERT_SUBCOMMAND, convert_parser, help=_CONVERT_HELP)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The module's default objective (None -> TrainingObjective()) spelled out, so that --print_config
@@ -202,6 +220,10 @@ def main(args: list[str] | None = None) -> int:
         from .data.precompute import precompute_latents_main
 
         return precompute_latents_main(argv[1:])
+    if argv and argv[0] == CONVERT_SUBCOMMAND:
+        from .convert_cli import convert_main
+
+        return convert_main(argv[1:])
     try:
         expanded = expand_config_bases(argv)
         if args is None:
