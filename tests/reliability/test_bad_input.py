@@ -191,6 +191,16 @@ CASES: dict[str, Case] = {
         ("steps must be an integer >= 1; got 0",),
         ValueError,
     ),
+    "zero sampler steps in a callback": Case(
+        "cli",
+        lambda i, out: _fit(
+            i.shards,
+            out,
+            "--trainer.callbacks",
+            "[{class_path: sit_lightning.callbacks.SampleGridCallback, init_args: {settings: {steps: 0}}}]",
+        ),
+        ("steps must be >= 1; got 0",),
+    ),  # fmt: skip
     # ---- output folders
     "default_root_dir under a file": Case(
         "cli",
