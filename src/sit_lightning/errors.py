@@ -36,7 +36,7 @@ class ShapeMismatchError(ConfigurationError):
 
 
 class DataError(ConfigurationError):
-    """The data on disk cannot be trained on: a broken shard folder, out-of-range labels, non-finite latents."""
+    """Data that cannot be trained on: a broken shard folder, labels out of range, non-finite latents."""
 
 
 class DataNotFoundError(DataError, FileNotFoundError):

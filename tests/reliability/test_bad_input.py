@@ -213,7 +213,8 @@ CASES: dict[str, Case] = {
             i.shards,
             out,
             "--trainer.callbacks",
-            f"[{{class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {{dirpath: {i.blocker}/ckpt}}}}]",
+            "[{class_path: lightning.pytorch.callbacks.ModelCheckpoint, "
+            f"init_args: {{dirpath: {i.blocker}/ckpt}}}}]",
         ),
         ("ModelCheckpoint dirpath", "blocker/ckpt' cannot be created"),
     ),  # fmt: skip

@@ -105,7 +105,7 @@ def read_npy_header(path: Path) -> NpyHeader:
 
 
 def _check_npy(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
-    """Raise a :class:`DataError` naming ``path`` when it is missing, has another shape/dtype or is truncated."""
+    """Raise a :class:`DataError` naming ``path`` when it is missing, of another shape/dtype or truncated."""
     if not path.is_file():
         raise DataNotFoundError(f"latent shard {path} is missing (listed in the index)")
     try:
