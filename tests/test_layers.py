@@ -45,6 +45,8 @@ ALLOWED: dict[str, set[str]] = {
         "callbacks",
         "errors",
         "convert_cli",
+        "checkpoint_io",
+        "trusted_loading",
     },
 }
 

@@ -35,6 +35,7 @@ _LAZY = {
     "sample_ode": "sit_lightning.sampling",
     "sample_sde": "sit_lightning.sampling",
     "likelihood": "sit_lightning.sampling",
+    "SamplerSettings": "sit_lightning.sampling",
     # the Lightning pieces
     "SiTModule": "sit_lightning.module",
     "LatentDataModule": "sit_lightning.data",
@@ -43,6 +44,7 @@ _LAZY = {
     "SampleGridCallback": "sit_lightning.callbacks",
     "FIDCallback": "sit_lightning.callbacks",
     "ThroughputCallback": "sit_lightning.callbacks",
+    "PreemptionCallback": "sit_lightning.callbacks",
     "AtomicModelCheckpoint": "sit_lightning.checkpoint_io",
 }
 

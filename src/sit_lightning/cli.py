@@ -23,23 +23,33 @@ show the merged result without ``base``.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 from jsonargparse import ActionSubCommands
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.strategies import ModelParallelStrategy
 
+from .callbacks.preemption import PreemptionCallback
+from .checkpoint_io import AtomicCheckpointIO
 from .module import ConfigurationError, SiTModule
+from .trusted_loading import trusted_globals
 
 __all__ = [
     "BASE_KEY",
     "CONVERT_SUBCOMMAND",
     "PRECOMPUTE_SUBCOMMAND",
+    "STANDALONE_SUBCOMMANDS",
     "SiTLightningCLI",
+    "StandaloneCommand",
     "expand_config_bases",
     "main",
 ]
@@ -63,6 +73,40 @@ _CONVERT_HELP = (
     "Convert checkpoints: Lightning .ckpt -> released train.py / sample.py layouts or .safetensors, "
     "released files -> a checkpoint fit can start from (see --help of the subcommand)."
 )
+
+
+@dataclass(frozen=True)
+class StandaloneCommand:
+    """A subcommand that is not a Trainer method: :func:`main` runs it before LightningCLI.
+
+    Attributes:
+        module: the module that defines it (imported only when it runs or ``--help`` lists it).
+        entry: ``entry(argv) -> exit status`` in that module.
+        function: the function whose signature is the subcommand's arguments (for ``--help``).
+        help: one line for ``sit-lightning --help``.
+    """
+
+    module: str
+    entry: str
+    function: str
+    help: str
+
+    def run(self, argv: list[str]) -> int:
+        return getattr(importlib.import_module(self.module), self.entry)(argv)
+
+    def signature(self) -> Callable[..., Any]:
+        return getattr(importlib.import_module(self.module), self.function)
+
+
+#: Every subcommand besides fit / validate / test / predict: one entry each.
+STANDALONE_SUBCOMMANDS: dict[str, StandaloneCommand] = {
+    PRECOMPUTE_SUBCOMMAND: StandaloneCommand(
+        "sit_lightning.data.precompute", "precompute_latents_main", "precompute_latents", _PRECOMPUTE_HELP
+    ),
+    CONVERT_SUBCOMMAND: StandaloneCommand(
+        "sit_lightning.convert_cli", "convert_main", "convert_checkpoint", _CONVERT_HELP
+    ),
+}
 
 
 class SiTArgumentParser(LightningArgumentParser):
@@ -101,21 +145,32 @@ class SiTLightningCLI(LightningCLI):
             return
         from jsonargparse import ArgumentParser
 
-        from .convert_cli import convert_checkpoint
-        from .data.precompute import precompute_latents
-
-        # Listed for --help only: main() dispatches the subcommand before LightningCLI sees it.
-        precompute_parser = ArgumentParser(description=_PRECOMPUTE_HELP)
-        precompute_parser.add_function_arguments(precompute_latents, as_positional=True)
-        subcommands.add_subcommand(PRECOMPUTE_SUBCOMMAND, precompute_parser, help=_PRECOMPUTE_HELP)
-        convert_parser = ArgumentParser(description=_CONVERT_HELP)
-        convert_parser.add_function_arguments(convert_checkpoint, as_positional=True)
-        subcommands.add_subcommand(CONVERT_SUBCOMMAND, convert_parser, help=_CONVERT_HELP)
+        # Listed for --help only: main() dispatches these before LightningCLI sees them.
+        for name, command in STANDALONE_SUBCOMMANDS.items():
+            sub = ArgumentParser(description=command.help)
+            sub.add_function_arguments(command.signature(), as_positional=True)
+            subcommands.add_subcommand(name, sub, help=command.help)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The module's default objective (None -> TrainingObjective()) spelled out, so that --print_config
         # shows the path, prediction, weighting and time sampler in full.
         parser.set_defaults({"model.objective": {"class_path": "sit_lightning.objective.TrainingObjective"}})
+        # Always present, whatever trainer.callbacks a config lists: SIGTERM / SIGUSR1 save last.ckpt at
+        # the next step boundary and exit with PREEMPTED_EXIT_STATUS (docs/training.md, "Preemption").
+        parser.add_lightning_class_args(PreemptionCallback, "preemption")
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        # Checkpoints are written atomically unless the config chose its own CheckpointIO
+        # (docs/training.md, "Checkpoints are atomic"). ModelParallelStrategy writes its shards itself:
+        # configs/strategy_fsdp2.yaml selects AtomicModelParallelStrategy for that.
+        strategy = trainer.strategy
+        if (
+            not isinstance(strategy, ModelParallelStrategy)
+            and type(strategy.checkpoint_io) is TorchCheckpointIO
+        ):
+            strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
 
 def _load_yaml(text: str) -> Any:
@@ -216,30 +271,17 @@ def main(args: list[str] | None = None) -> int:
         ``base:`` is missing or circular exits with status 2 and a one-line message.
     """
     argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] == PRECOMPUTE_SUBCOMMAND:
-        from .data.precompute import precompute_latents_main
-
-        return precompute_latents_main(argv[1:])
-    if argv and argv[0] == CONVERT_SUBCOMMAND:
-        from .convert_cli import convert_main
-
-        return convert_main(argv[1:])
+    if argv and argv[0] in STANDALONE_SUBCOMMANDS:
+        return STANDALONE_SUBCOMMANDS[argv[0]].run(argv[1:])
     try:
         expanded = expand_config_bases(argv)
         if args is None:
             # LightningCLI reads sys.argv itself when args is None (and warns when it is given both)
             sys.argv[1:] = expanded
-        SiTLightningCLI(
-            SiTModule,
-            LightningDataModule,
-            subclass_mode_data=True,
-            seed_everything_default=0,
-            auto_configure_optimizers=False,
-            save_config_kwargs={"overwrite": True},
-            parser_kwargs={"prog": "sit-lightning", "description": _DESCRIPTION},
-            parser_class=SiTArgumentParser,
-            args=None if args is None else expanded,
-        )
+        # fit --ckpt_path and load_from_checkpoint read checkpoints weights-only, with the plain-data
+        # classes our own checkpoints hold allowed (sit_lightning.trusted_loading; docs/training.md).
+        with trusted_globals():
+            _run_cli(args, expanded)
     except Exception as err:
         # One line, status 2, for what the user fixes in the inputs: our ConfigurationError (also when a
         # data-loader worker raised it), Lightning's own MisconfigurationException (e.g. trainer.max_steps
@@ -268,6 +310,20 @@ def main(args: list[str] | None = None) -> int:
         print(f"sit-lightning: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
     return 0
+
+
+def _run_cli(args: list[str] | None, expanded: list[str]) -> None:
+    SiTLightningCLI(
+        SiTModule,
+        LightningDataModule,
+        subclass_mode_data=True,
+        seed_everything_default=0,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": "sit-lightning", "description": _DESCRIPTION},
+        parser_class=SiTArgumentParser,
+        args=None if args is None else expanded,
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,6 +11,7 @@ import contextlib
 import difflib
 import functools
 import io
+import json
 import re
 from pathlib import Path
 
@@ -139,7 +140,7 @@ def test_a_file_overrides_its_base_key_by_key(tmp_path) -> None:
     assert resolved["trainer"]["max_steps"] == 10
     assert resolved["trainer"]["precision"] == "bf16-mixed"  # from the base's base
     assert [c["class_path"].rsplit(".", 1)[-1] for c in resolved["trainer"]["callbacks"]] == [
-        "EMACallback", "ModelCheckpoint"
+        "EMACallback", "AtomicModelCheckpoint"
     ]  # fmt: skip
     assert resolved["model"]["objective"]["init_args"]["path"] == "gvp"
 
@@ -219,7 +220,9 @@ def test_typos_fail_at_parse_time_listing_the_choices(tmp_path) -> None:
 def test_help_lists_every_subcommand() -> None:
     code, out, _ = _run(["--help"])
     assert code == 0
-    assert "{fit,validate,test,predict,precompute-latents}" in out  # a choice like the Trainer's, listed last
+    assert (
+        "{fit,validate,test,predict,precompute-latents,convert}" in out
+    )  # a choice like the Trainer's, listed last
     assert "Encode an ImageFolder tree into VAE latent shards" in " ".join(out.split())  # however wrapped
     code, out, _ = _run(["precompute-latents", "--help"])
     assert code == 0 and "image_root" in out and "output_dir" in out
@@ -283,8 +286,17 @@ def test_digits_demo_trains_a_few_steps_through_main(tmp_path) -> None:
         "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
         "--trainer.enable_progress_bar", "false", "--model.objective.init_args.path", "gvp",
     ]  # fmt: skip
-    code, out, err = _run(["fit", *args, "--trainer.callbacks", _smoke_callbacks()])
+    probe = tmp_path / "wiring.json"
+    callbacks = (
+        _smoke_callbacks()[:-1]
+        + f", {{class_path: wiring_probe.WiringProbe, init_args: {{path: '{probe}'}}}}]"
+    )
+    code, out, err = _run(["fit", *args, "--trainer.callbacks", callbacks])
     assert code == 0, err[-3000:]
+    # what the CLI adds to every fit: atomic checkpoint writes and the preemption handler
+    wiring = json.loads(probe.read_text())
+    assert wiring["checkpoint_io"] == "AtomicCheckpointIO"
+    assert "PreemptionCallback" in wiring["callbacks"] and "AtomicModelCheckpoint" in wiring["callbacks"]
     report = out + err
     assert "conditional accuracy" in report.lower(), report[-3000:]
     assert sorted(tmp_path.rglob("*.png")), "the demo writes a PNG grid of samples"

@@ -1,7 +1,9 @@
-"""Lightning callbacks: EMA of the weights, sample grids, FID during training, throughput / MFU."""
+"""Lightning callbacks: EMA of the weights, sample grids and FID during training (both on
+:class:`PeriodicSamplingCallback`), throughput / MFU, preemption."""
 
 from .ema import PAPER_EMA_DECAY, EMACallback
 from .fid import FIDCallback
+from .periodic import PeriodicSamplingCallback
 from .preemption import PREEMPTED_EXIT_STATUS, PreemptionCallback
 from .sample_grid import SampleGridCallback
 from .throughput import ThroughputCallback
@@ -11,6 +13,7 @@ __all__ = [
     "FIDCallback",
     "PAPER_EMA_DECAY",
     "PREEMPTED_EXIT_STATUS",
+    "PeriodicSamplingCallback",
     "PreemptionCallback",
     "SampleGridCallback",
     "ThroughputCallback",
