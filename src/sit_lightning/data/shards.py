@@ -394,8 +394,8 @@ class LatentShards:
             file, row = self.locate(index, "labels")
             raise DataError(
                 f"{file}: label {int(self.labels[index])} at row {row} (sample {index}) is outside "
-                f"[0, {bound}) ({bad.size} labels out of range): the index lists {self.num_classes} "
-                "class_names; make the shards again with precompute-latents"
+                f"[0, {bound}) ({bad.size} of {len(self.labels)} labels out of range): the index lists "
+                f"{self.num_classes} class_names; make the shards again with precompute-latents"
             )
 
     def locate(self, index: int, kind: Literal["moments", "labels"] = "moments") -> tuple[Path, int]:
