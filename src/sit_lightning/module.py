@@ -28,6 +28,7 @@ from .models import SIT_PRESETS, SiT, SiTConfig, SiTPreset
 from .objective import TrainingObjective
 from .randomness import keyed_rand, keyed_randn
 from .sampling import ModelField, SampleResult, SamplerSettings, WKLEta
+from .sampling.presets import SamplerPresetName, sampler_preset
 
 __all__ = [
     "ConfigurationError",
@@ -429,7 +430,7 @@ class SiTModule(LightningModule):
     def sample(
         self,
         labels: Tensor | Sequence[int],
-        settings: SamplerSettings | None = None,
+        settings: SamplerSettings | SamplerPresetName | None = None,
         *,
         noise: Tensor | None = None,
         seed: int | None = None,
@@ -447,7 +448,8 @@ class SiTModule(LightningModule):
         Args:
             labels: ``(N,)`` class labels.
             settings: sampler, method, steps, grid, SDE diffusion, guidance (default: ``SamplerSettings()``,
-                the Heun ODE with 125 steps). An ODE without ``t0``/``t1`` runs on the objective's
+                the Heun ODE with 125 steps), or a preset's name (``"released-sde-cfg1.5"``,
+                ``sit_lightning.sampling.presets``). An ODE without ``t0``/``t1`` runs on the objective's
                 ``sample_interval()``; ``diffusion='w_kl_eta'`` uses :attr:`loss_profile` as ``L_t``.
             noise: ``(N, C, H, W)`` starting noise at t0; default: keyed noise (see :meth:`sample_noise`).
             seed: seed of the keyed draws; default: the module's seed.
@@ -479,6 +481,8 @@ class SiTModule(LightningModule):
                 raise ValueError(f"unknown sampler settings {unknown}; the settings are {allowed}")
             settings = SamplerSettings(**{k: v for k, v in keywords.items() if v is not None})
         settings = SamplerSettings() if settings is None else settings
+        if isinstance(settings, str):
+            settings = sampler_preset(settings)
         if settings.sampler == "ode" and (settings.t0 is None or settings.t1 is None):
             t0, t1 = self.objective.sample_interval()
             t0 = t0 if settings.t0 is None else settings.t0

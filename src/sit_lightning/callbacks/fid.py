@@ -44,6 +44,7 @@ from ..evaluation.fid import FIDScorer, frechet_distance, load_statistics, modul
 from ..evaluation.images import LatentDecoder
 from ..evaluation.sample_plan import LabelMode, rank_share, sample_labels
 from ..sampling import SamplerSettings
+from ..sampling.presets import SamplerPresetName
 from .periodic import DEFAULT_LATENT_SCALE, DEFAULT_SETTINGS, PeriodicSamplingCallback
 from .sample_grid import SampleGridCallback, log_dir_of
 
@@ -101,7 +102,8 @@ class FIDCallback(PeriodicSamplingCallback):
         labels: ``balanced`` (label ``i % num_classes``) or ``uniform`` (keyed draw).
         seed: seed of the keyed noise and labels (fixed: every evaluation uses the same noise).
         settings: how to sample: a :class:`~sit_lightning.sampling.SamplerSettings` (YAML: a mapping
-            of its fields, e.g. ``{sampler: ode, method: heun, steps: 16}``). Default:
+            of its fields, e.g. ``{sampler: ode, method: heun, steps: 16}``), or a preset's name, e.g.
+            ``released-ode-heun250`` (``sit_lightning.sampling.presets``). Default:
             ``SamplerSettings()``, the Heun ODE with 125 steps.
         cfg_scales: guidance scales to evaluate, each a separate set of samples (it replaces
             ``settings.cfg_scale``, which must then stay 1); None: ``[settings.cfg_scale]``.
@@ -127,7 +129,7 @@ class FIDCallback(PeriodicSamplingCallback):
         num_samples: int = 2000,
         labels: LabelMode = "balanced",
         seed: int = 0,
-        settings: SamplerSettings = DEFAULT_SETTINGS,
+        settings: SamplerSettings | SamplerPresetName = DEFAULT_SETTINGS,
         cfg_scales: list[float] | None = None,
         batch_size: int = 500,
         feature: Literal["digits", "inception"] | nn.Module = "digits",

@@ -24,6 +24,7 @@ from torch import Tensor
 from ..evaluation.images import LatentDecoder, make_decoder
 from ..evaluation.sample_plan import generate
 from ..sampling import SamplerSettings
+from ..sampling.presets import SamplerPresetName, sampler_preset
 
 __all__ = ["DEFAULT_LATENT_SCALE", "DEFAULT_SETTINGS", "PeriodicSamplingCallback"]
 
@@ -44,8 +45,9 @@ class PeriodicSamplingCallback(Callback):
         seed: seed of the keyed noise (sample ``i`` gets the noise of index ``i``).
         settings: how to sample (sampler, method, steps, grid, SDE diffusion, guidance); in YAML
             a mapping of its fields, e.g. ``{sampler: ode, method: heun, steps: 16}`` (the fields left
-            out keep ``SamplerSettings``' defaults). Default: ``SamplerSettings()``, the Heun ODE with
-            125 steps.
+            out keep ``SamplerSettings``' defaults), or the name of a preset
+            (``sit_lightning.sampling.presets``, e.g. ``released-ode-heun250``). Default:
+            ``SamplerSettings()``, the Heun ODE with 125 steps.
         batch_size: samples per sampler call (results do not depend on it).
         decoder: None for pixel-space data; a path or hub id of a diffusers ``AutoencoderKL`` for
             latents (loaded on first use), or a :class:`LatentDecoder`.
@@ -57,7 +59,7 @@ class PeriodicSamplingCallback(Callback):
         self,
         every_n_steps: int,
         seed: int = 0,
-        settings: SamplerSettings = DEFAULT_SETTINGS,
+        settings: SamplerSettings | SamplerPresetName = DEFAULT_SETTINGS,
         batch_size: int = 256,
         decoder: str | LatentDecoder | None = None,
         latent_scale: float = DEFAULT_LATENT_SCALE,
@@ -67,6 +69,8 @@ class PeriodicSamplingCallback(Callback):
             raise ValueError(f"every_n_steps must be >= 0; got {every_n_steps}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+        if isinstance(settings, str):
+            settings = sampler_preset(settings)
         if not isinstance(settings, SamplerSettings):
             raise ValueError(
                 f"settings must be a SamplerSettings; got {type(settings).__name__} {settings!r}"

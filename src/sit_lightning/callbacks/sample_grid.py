@@ -18,6 +18,7 @@ from torch import Tensor
 from ..evaluation.images import LatentDecoder, image_grid, save_png, to_uint8
 from ..evaluation.sample_plan import rank_share
 from ..sampling import SamplerSettings
+from ..sampling.presets import SamplerPresetName
 from .periodic import DEFAULT_LATENT_SCALE, DEFAULT_SETTINGS, PeriodicSamplingCallback
 
 __all__ = ["SampleGridCallback", "log_dir_of"]
@@ -43,7 +44,8 @@ class SampleGridCallback(PeriodicSamplingCallback):
         labels: explicit labels of the cells (overrides ``num_per_class``).
         seed: seed of the keyed noise (cell ``i`` gets the noise of sample index ``i``).
         settings: how to sample: a :class:`~sit_lightning.sampling.SamplerSettings` (YAML: a mapping
-            of its fields, e.g. ``{sampler: ode, method: heun, steps: 16, cfg_scale: 1.5}``). Default:
+            of its fields, e.g. ``{sampler: ode, method: heun, steps: 16, cfg_scale: 1.5}``), or a
+            preset's name, e.g. ``released-ode-heun250`` (``sit_lightning.sampling.presets``). Default:
             ``SamplerSettings()``, the Heun ODE with 125 steps.
         nrow: cells per row; default ``num_per_class`` (one class per row), or ``ceil(sqrt(N))``.
         batch_size: samples per sampler call (the grid does not depend on it).
@@ -62,7 +64,7 @@ class SampleGridCallback(PeriodicSamplingCallback):
         num_per_class: int = 8,
         labels: list[int] | None = None,
         seed: int = 0,
-        settings: SamplerSettings = DEFAULT_SETTINGS,
+        settings: SamplerSettings | SamplerPresetName = DEFAULT_SETTINGS,
         nrow: int | None = None,
         batch_size: int = 256,
         decoder: str | LatentDecoder | None = None,
