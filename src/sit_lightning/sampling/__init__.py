@@ -25,6 +25,7 @@ from .grids import GRIDS, GridName, default_interval, shift_time, time_grid
 from .guidance import ClassifierFreeGuidance
 from .likelihood import LikelihoodResult, likelihood
 from .ode import FIXED_STEP_NFE, ODE_METHODS, OdeMethod, sample_ode
+from .presets import SAMPLER_PRESETS, SamplerPreset, SamplerPresetName, sampler_preset
 from .result import SampleResult
 from .sde import LAST_STEPS, SDE_METHODS, LastStep, SdeMethod, sample_sde
 from .settings import DIFFUSION_NAMES, SAMPLERS, DiffusionName, SamplerKind, SamplerSettings
@@ -37,6 +38,10 @@ __all__ = [
     "sample_ode",
     "sample_sde",
     "SamplerSettings",
+    "SAMPLER_PRESETS",
+    "SamplerPreset",
+    "SamplerPresetName",
+    "sampler_preset",
     "likelihood",
     "SampleResult",
     "LikelihoodResult",
