@@ -21,7 +21,8 @@ ALLOWED: dict[str, set[str]] = {
     "sampling": {"interpolants", "errors"},
     "evaluation": {"randomness", "errors"},
     "data": {"randomness", "errors"},
-    "callbacks": {"data", "evaluation", "sampling", "randomness", "errors"},
+    "posthoc_ema": set(),  # post-hoc EMA math, snapshot files and the posthoc-ema command (no Lightning)
+    "callbacks": {"data", "evaluation", "sampling", "randomness", "errors", "posthoc_ema"},
     "checkpoint_io": set(),  # Lightning half: atomic checkpoint writes, a `last` that loads
     "trusted_loading": {"models", "objective", "interpolants"},  # Lightning half, but no Lightning
     "module": {

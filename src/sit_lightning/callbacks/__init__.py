@@ -4,6 +4,7 @@
 from .ema import PAPER_EMA_DECAY, EMACallback
 from .fid import FIDCallback
 from .periodic import PeriodicSamplingCallback
+from .posthoc_ema import PostHocEMACallback
 from .preemption import PREEMPTED_EXIT_STATUS, PreemptionCallback
 from .sample_grid import SampleGridCallback
 from .throughput import ThroughputCallback
@@ -14,6 +15,7 @@ __all__ = [
     "PAPER_EMA_DECAY",
     "PREEMPTED_EXIT_STATUS",
     "PeriodicSamplingCallback",
+    "PostHocEMACallback",
     "PreemptionCallback",
     "SampleGridCallback",
     "ThroughputCallback",
