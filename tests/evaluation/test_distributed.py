@@ -16,7 +16,7 @@ from torch import Tensor
 from sit_lightning.callbacks.fid import conditional_accuracy
 from sit_lightning.data import DigitsDataModule
 from sit_lightning.evaluation.digits_classifier import DigitsFeatures, load_or_train_digits_classifier
-from sit_lightning.evaluation.fid import feature_statistics, frechet_distance
+from sit_lightning.evaluation.fid import feature_statistics, frechet_distance, through_uint8
 from sit_lightning.evaluation.images import image_grid, to_uint8
 
 HERE = Path(__file__).resolve().parent
@@ -85,12 +85,11 @@ def test_ddp_scores_and_grid_equal_one_process(ddp_result):
     images = {}
     for scale, r in scores.items():
         images[scale] = module.sample(fid_labels, seed=4, cfg_scale=scale, **SAMPLER).samples
+        scored = through_uint8(images[scale])  # the callback scores what an .npz of its samples holds
         assert r["num_samples"] == NUM_FID
-        assert r["conditional_accuracy"] == pytest.approx(
-            conditional_accuracy(judge, images[scale], fid_labels)
-        )
+        assert r["conditional_accuracy"] == pytest.approx(conditional_accuracy(judge, scored, fid_labels))
         assert r["fid"] == pytest.approx(
-            frechet_distance(feature_statistics(features(images[scale])), reference), rel=1e-4
+            frechet_distance(feature_statistics(features(scored)), reference), rel=1e-4
         )
     assert per_sample_gap(images[1.0], images[2.0]).min() > SENSITIVITY, (
         "PRECONDITION: every FID sample must depend on the guidance scale, or a rank that ignores it passes"

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from ..data.contract import RealTestImages, RealTrainImages, missing, require
 from ..evaluation.digits_classifier import DigitsClassifier, DigitsFeatures, load_or_train_digits_classifier
-from ..evaluation.fid import FIDScorer, frechet_distance, load_statistics, module_device
+from ..evaluation.fid import FIDScorer, frechet_distance, load_statistics, module_device, through_uint8
 from ..evaluation.images import LatentDecoder
 from ..evaluation.sample_plan import LabelMode, rank_share, sample_labels
 from ..sampling import SamplerSettings
@@ -237,6 +237,8 @@ class FIDCallback(PeriodicSamplingCallback):
             start = time.perf_counter()
             images = self.generate(pl_module, share.indices, labels, cfg_scale=scale)
             images, kept = images[share.valid.to(images.device)], labels[share.valid]
+            # what a sample file holds: `sit-lightning fid` on the .npz of these samples gives these numbers
+            images = through_uint8(images)
             scorer.reset()
             scorer.update(images)
             fid = scorer.compute()
