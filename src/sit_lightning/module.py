@@ -42,6 +42,9 @@ __all__ = [
     "PAPER_BETAS",
     "PAPER_WEIGHT_DECAY",
     "PaperAdamW",
+    "MAX_CONSECUTIVE_NONFINITE",
+    "NonFiniteSteps",
+    "NonFiniteTrainingError",
 ]
 
 #: The paper's optimizer (App. E; released train.py): AdamW, lr 1e-4, no weight decay, default betas.
@@ -50,6 +53,8 @@ PAPER_WEIGHT_DECAY = 0.0
 PAPER_BETAS = (0.9, 0.999)
 #: Number of equal bins on [0, 1] of the validation loss profile L_t (bin centres are the times).
 LOSS_PROFILE_BINS = 20
+#: Consecutive optimizer steps with a non-finite loss or gradient (each skipped) before training stops.
+MAX_CONSECUTIVE_NONFINITE = 10
 
 # Stream names of the keyed draws: changing one changes every run's numbers.
 _STREAM_TIME = "train_time"
@@ -121,6 +126,114 @@ class LossProfile(NamedTuple):
     values: Tensor
 
 
+class NonFiniteTrainingError(ConfigurationError):
+    """Training stopped after too many consecutive optimizer steps with a non-finite loss or gradient."""
+
+
+class NonFiniteSteps:
+    """Skips optimizer steps whose gradients are not finite, the same on every rank; counts the skips.
+
+    One number decides a step: the total 2-norm of the gradients (all of them, before clipping). Under
+    DDP the gradients are already all-reduced, so a NaN on one rank is a NaN on all; under FSDP2 the
+    norm of the DTensor gradients is reduced over the shards. So every rank takes the same decision
+    without further communication. A skipped step leaves the weights, the optimizer state (Adam's
+    moments and step count) and, through :attr:`last_finite`, the EMA untouched:
+
+    - ``torch.optim.Adam`` / ``AdamW`` with ``fused=True`` (``PaperAdamW`` on plain CUDA weights) skip
+      on the device: the flag is handed to the fused kernel as ``found_inf`` (GradScaler's mechanism),
+      which leaves parameters, moments and step counters alone. No host sync.
+    - any other optimizer: the flag is read on the host (one device->host sync per step; free on CPU)
+      and a bad step's gradients are dropped (``grad = None``), which every torch optimizer skips.
+    - under a ``GradScaler`` (``16-mixed``) the scaler skips non-finite steps itself; they are counted.
+
+    Args:
+        max_consecutive: stop (:class:`NonFiniteTrainingError`) after this many bad steps in a row.
+    """
+
+    def __init__(self, max_consecutive: int) -> None:
+        if max_consecutive < 1:
+            raise ValueError(f"max_consecutive_nonfinite must be >= 1; got {max_consecutive}")
+        self.max_consecutive = int(max_consecutive)
+        self.skips: Tensor | None = None  # 0-d int64 on the gradients' device: bad steps so far
+        self._consecutive: Tensor | None = None  # the current run of bad steps
+        self._longest: Tensor | None = None  # the longest run of bad steps (read at check time)
+        self._host_consecutive = 0  # host-decided steps only
+        self._armed: torch.optim.Optimizer | None = None
+        self.on_device = False  # whether the latest step was decided on the device
+        #: the latest optimizer step's flag: None before any, a bool when decided on the host, a 0-d
+        #: bool tensor when decided on the device (an EMA scales its update by it: no host sync)
+        self.last_finite: bool | Tensor | None = None
+
+    @staticmethod
+    def grad_norm(parameters: Sequence[Tensor]) -> Tensor:
+        """The total 2-norm of the gradients of ``parameters``, a plain 0-d float32 tensor on their device."""
+        grads = [p.grad for p in parameters if p.grad is not None]
+        if not grads:
+            return torch.zeros(())
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+        full_tensor = getattr(norm, "full_tensor", None)  # DTensor gradients (FSDP2): reduced over shards
+        return (full_tensor() if full_tensor is not None else norm).float()
+
+    @staticmethod
+    def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+        """Whether ``optimizer`` honours ``found_inf`` exactly (torch's fused Adam / AdamW kernels)."""
+        return isinstance(optimizer, torch.optim.Adam) and all(g.get("fused") for g in optimizer.param_groups)
+
+    def guard(self, optimizer: torch.optim.Optimizer, finite: Tensor, scaler_skips: bool) -> None:
+        """Count the step and make the coming ``optimizer.step()`` a no-op when ``finite`` is False.
+
+        Call between the backward pass and ``optimizer.step()`` (Lightning: inside the closure).
+        """
+        bad = (~finite).long()
+        if self.skips is None or self.skips.device != bad.device:
+            self.skips, self._consecutive, self._longest = (torch.zeros_like(bad) for _ in range(3))
+        self.skips += bad
+        self._consecutive = (self._consecutive + 1) * bad
+        self._longest = torch.maximum(self._longest, self._consecutive)
+        self.on_device = scaler_skips or self.skips_on_device(optimizer)
+        if self.on_device:
+            self.last_finite = finite
+            if not scaler_skips:  # the scaler sets found_inf itself
+                optimizer.found_inf = bad.float()  # type: ignore[attr-defined]
+                self._armed = optimizer
+            return
+        self.last_finite = bool(finite)  # the host sync of optimizers that cannot skip on the device
+        self._host_consecutive = 0 if self.last_finite else self._host_consecutive + 1
+        if not self.last_finite:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+
+    def release(self) -> None:
+        """After ``optimizer.step()``: take the flag back from the optimizer."""
+        if self._armed is not None:
+            with contextlib.suppress(AttributeError):
+                del self._armed.found_inf  # type: ignore[attr-defined]
+            self._armed = None
+
+    def stop_if_diverged(self, step: int, read_device_count: bool) -> None:
+        """Raise :class:`NonFiniteTrainingError` after ``max_consecutive`` bad steps in a row.
+
+        Host-decided steps are checked every step; device-decided ones only when ``read_device_count``
+        (one sync: the caller passes True at the logging cadence and at the last step).
+        """
+        if self.on_device:
+            if not read_device_count or self._longest is None:
+                return
+            run = int(self._longest)
+        else:
+            run = self._host_consecutive
+        if run >= self.max_consecutive:
+            total = int(self.skips) if self.skips is not None else run
+            raise NonFiniteTrainingError(
+                f"training stopped at step {step}: {run} consecutive optimizer steps had a non-finite loss or "
+                f"gradient (model.max_consecutive_nonfinite: {self.max_consecutive}; {total} skipped in all); "
+                "skipped steps change no weights, optimizer state or EMA, so every checkpoint holds finite "
+                "weights. Lower the learning rate, clip gradients (trainer.gradient_clip_val) or check the "
+                "data for NaN/Inf"
+            )
+
+
 class SiTModule(LightningModule):
     """SiT training, validation and sampling as a LightningModule.
 
@@ -139,6 +252,9 @@ class SiTModule(LightningModule):
         seed: base seed of every keyed draw and of the weight initialisation.
         compile: ``torch.compile`` the network (after FSDP sharding when used).
         loss_profile_bins: number of bins on [0, 1] of the validation loss profile.
+        max_consecutive_nonfinite: an optimizer step whose gradients are not finite (NaN/Inf loss or
+            gradient) is skipped on every rank alike; after this many in a row training stops with
+            :class:`NonFiniteTrainingError` (see :class:`NonFiniteSteps`; docs/training.md).
     """
 
     def __init__(
@@ -151,6 +267,7 @@ class SiTModule(LightningModule):
         seed: int = 0,
         compile: bool = False,
         loss_profile_bins: int = LOSS_PROFILE_BINS,
+        max_consecutive_nonfinite: int = MAX_CONSECUTIVE_NONFINITE,
     ) -> None:
         super().__init__()
         config = _arch_config(arch)
@@ -177,6 +294,7 @@ class SiTModule(LightningModule):
         self._profile: LossProfile | None = None
         self._profile_sum: Tensor | None = None
         self._profile_count: Tensor | None = None
+        self._nonfinite = NonFiniteSteps(max_consecutive_nonfinite)
 
     # ---- setup ---------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -285,6 +403,66 @@ class SiTModule(LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
+
+    @property
+    def last_step_finite(self) -> bool | Tensor | None:
+        """Whether the latest optimizer step was applied (False: skipped as non-finite; see :class:`NonFiniteSteps`).
+
+        A bool when the skip was decided on the host, a 0-d bool tensor when on the device (read it
+        without syncing: an EMA multiplies its update weight by it), None before the first step.
+        """
+        return self._nonfinite.last_finite
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Every optimizer step: the gradient norm, the non-finite skip, then ``trainer.gradient_clip_val``.
+
+        The norm is computed once and serves the skip, the log and norm clipping, as a plain tensor
+        (FSDP2 DTensor gradients reduced over the shards), so clipping works under FSDP2 too.
+        """
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        grad_norm = self._nonfinite.grad_norm(params)  # before clipping
+        finite = torch.isfinite(grad_norm)
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        self._nonfinite.guard(optimizer, finite, scaler_skips=scaler is not None)
+        # logged at Lightning's cadence (log_every_n_steps): tensors, no host sync here
+        self.log("train/grad_norm", grad_norm)
+        self.log("train/nonfinite_skips", self._nonfinite.skips.float())
+        if not gradient_clip_val:
+            return
+        if scaler is not None:  # the scaler's own checks (e.g. a fused optimizer cannot be clipped)
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        elif gradient_clip_algorithm in (None, "norm"):
+            with_grads = [p for p in params if p.grad is not None]
+            torch.nn.utils.clip_grads_with_norm_(with_grads, gradient_clip_val, grad_norm)
+        else:
+            torch.nn.utils.clip_grad_value_([p for p in params if p.grad is not None], gradient_clip_val)
+
+    def optimizer_step(
+        self,
+        epoch: int,
+        batch_idx: int,
+        optimizer: Any,
+        optimizer_closure: Callable[[], Any] | None = None,
+    ) -> None:
+        """Lightning's step (the closure runs backward and :meth:`configure_gradient_clipping`), then the stop check.
+
+        Device-decided skips are counted on the device and read every ``trainer.log_every_n_steps``
+        steps and at the last step; a run of ``max_consecutive_nonfinite`` bad steps then stops training
+        here, before any callback (checkpoints included) sees the step.
+        """
+        try:
+            super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        finally:
+            self._nonfinite.release()
+        step = self.trainer.global_step + 1  # counted when this hook returns; checkpoints name it so
+        every = self.trainer.log_every_n_steps
+        last = 0 <= self.trainer.max_steps <= step  # max_steps -1: no step limit
+        self._nonfinite.stop_if_diverged(step, read_device_count=last or (every > 0 and step % every == 0))
 
     # ---- validation: loss and loss profile L_t -------------------------------------------------
     def on_validation_epoch_start(self) -> None:

@@ -134,17 +134,33 @@ class EMACallback(Callback):
 
     @torch.no_grad()
     def update(self, pl_module: pl.LightningModule, step: int) -> None:
-        """One EMA update from the current weights (``step``: optimizer steps taken so far)."""
+        """One EMA update from the current weights (``step``: optimizer steps taken so far).
+
+        A step the module skipped as non-finite (``pl_module.last_step_finite``, see
+        ``SiTModule.last_step_finite``) leaves the EMA unchanged: False (decided on the host) returns
+        at once; a 0-d bool tensor (decided on the device) multiplies the lerp weight, so a skipped
+        step lerps with weight 0, bit for bit the old EMA, without a host sync.
+        """
         self._ensure(pl_module)
         assert self._ema is not None
+        finite = getattr(pl_module, "last_step_finite", None)
+        if finite is False:
+            return
         params = [_local(p).detach() for _, p in self._named_params(pl_module)]
         params = [p if p.dtype == torch.float32 else p.float() for p in params]
-        if step < self.start_step:
+        if step < self.start_step:  # a skipped step left the weights, so also this copy, unchanged
             torch._foreach_copy_(self._ema, params)
             return
         if (step - self.start_step) % self.update_every != 0:
             return
-        torch._foreach_lerp_(self._ema, params, 1.0 - self.decay_at(step))
+        weight = 1.0 - self.decay_at(step)
+        if isinstance(finite, Tensor):
+            # a 0-d tensor weight would be read back as a Python scalar (a sync): pass one per tensor
+            masked = finite.to(torch.float32) * weight
+            weights = [masked.to(e.device) for e in self._ema]  # the same tensor when on its device
+            torch._foreach_lerp_(self._ema, params, weights)
+        else:
+            torch._foreach_lerp_(self._ema, params, weight)
         self.num_updates += 1
 
     def ema_tensors(self) -> dict[str, Tensor]:
