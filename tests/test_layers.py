@@ -36,6 +36,7 @@ ALLOWED: dict[str, set[str]] = {
         "errors",
     },
     "convert_cli": {"models", "module", "trusted_loading"},  # reads Lightning checkpoints as dicts
+    "fid_cli": {"evaluation", "data", "callbacks"},  # digits data for its judge; conditional_accuracy
     "cli": {
         "module",
         "data",

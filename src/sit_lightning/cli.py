@@ -73,6 +73,10 @@ _CONVERT_HELP = (
     "Convert checkpoints: Lightning .ckpt -> released train.py / sample.py layouts or .safetensors, "
     "released files -> a checkpoint fit can start from (see --help of the subcommand)."
 )
+_FID_HELP = (
+    "FID of an .npz or PNG folder of samples against a reference (ADM .npz, images, statistics), "
+    "with Inception (IS too) or the digits judge, and conditional accuracy (see --help of the subcommand)."
+)
 _POSTHOC_EMA_HELP = (
     "Synthesise the EMA of any width (sigma_rel) from PostHocEMACallback snapshots, as a state dict "
     "(EDM2 post-hoc EMA; see --help of the subcommand)."
@@ -110,6 +114,7 @@ STANDALONE_SUBCOMMANDS: dict[str, StandaloneCommand] = {
     CONVERT_SUBCOMMAND: StandaloneCommand(
         "sit_lightning.convert_cli", "convert_main", "convert_checkpoint", _CONVERT_HELP
     ),
+    "fid": StandaloneCommand("sit_lightning.fid_cli", "fid_main", "measure_fid", _FID_HELP),
     "posthoc-ema": StandaloneCommand(
         "sit_lightning.posthoc_ema", "posthoc_ema_main", "synthesize_posthoc_ema", _POSTHOC_EMA_HELP
     ),
