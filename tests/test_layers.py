@@ -20,7 +20,7 @@ ALLOWED: dict[str, set[str]] = {
     "objective": {"interpolants", "errors"},
     "sampling": {"interpolants", "errors"},
     "evaluation": {"randomness", "errors"},
-    "data": {"randomness", "errors"},
+    "data": {"randomness", "evaluation", "errors"},  # evaluation: the one SD_VAE_SCALE
     "posthoc_ema": set(),  # post-hoc EMA math, snapshot files and the posthoc-ema command (no Lightning)
     "callbacks": {"data", "evaluation", "sampling", "randomness", "errors", "posthoc_ema"},
     "checkpoint_io": set(),  # Lightning half: atomic checkpoint writes, a `last` that loads
@@ -36,6 +36,8 @@ ALLOWED: dict[str, set[str]] = {
         "errors",
     },
     "convert_cli": {"models", "module", "trusted_loading"},  # reads Lightning checkpoints as dicts
+    # `sit-lightning sample`: Fabric runs the sampler; the files are evaluation/npz.py's
+    "sample_cli": {"convert_cli", "module", "models", "objective", "sampling", "evaluation", "errors"},
     "fid_cli": {"evaluation", "data", "callbacks"},  # digits data for its judge; conditional_accuracy
     "cli": {
         "module",

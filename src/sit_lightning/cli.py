@@ -69,6 +69,9 @@ _DESCRIPTION = (
 _PRECOMPUTE_HELP = (
     "Encode an ImageFolder tree into VAE latent shards (resumable; see --help of the subcommand)."
 )
+_SAMPLE_HELP = (
+    "Sample a checkpoint into an ADM-evaluator .npz on every device (resumable; see --help of the subcommand)."
+)
 _CONVERT_HELP = (
     "Convert checkpoints: Lightning .ckpt -> released train.py / sample.py layouts or .safetensors, "
     "released files -> a checkpoint fit can start from (see --help of the subcommand)."
@@ -114,6 +117,7 @@ STANDALONE_SUBCOMMANDS: dict[str, StandaloneCommand] = {
     CONVERT_SUBCOMMAND: StandaloneCommand(
         "sit_lightning.convert_cli", "convert_main", "convert_checkpoint", _CONVERT_HELP
     ),
+    "sample": StandaloneCommand("sit_lightning.sample_cli", "sample_main", "sample_images", _SAMPLE_HELP),
     "fid": StandaloneCommand("sit_lightning.fid_cli", "fid_main", "measure_fid", _FID_HELP),
     "posthoc-ema": StandaloneCommand(
         "sit_lightning.posthoc_ema", "posthoc_ema_main", "synthesize_posthoc_ema", _POSTHOC_EMA_HELP

@@ -21,15 +21,15 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from ..evaluation.images import LatentDecoder, make_decoder
+from ..evaluation.images import SD_VAE_SCALE, LatentDecoder, make_decoder
 from ..evaluation.sample_plan import generate
 from ..sampling import SamplerSettings
 from ..sampling.presets import SamplerPresetName, sampler_preset
 
 __all__ = ["DEFAULT_LATENT_SCALE", "DEFAULT_SETTINGS", "PeriodicSamplingCallback"]
 
-#: The SD VAE's latent scale (latents were stored as ``z * 0.18215``).
-DEFAULT_LATENT_SCALE = 0.18215
+#: The SD VAE's latent scale (latents were stored as ``z * SD_VAE_SCALE``).
+DEFAULT_LATENT_SCALE = SD_VAE_SCALE
 #: The callbacks' default sampler: ``SamplerSettings()`` itself (Heun ODE, 125 steps, 250 NFE per image),
 #: so that a YAML ``settings:`` mapping means exactly ``SamplerSettings(**mapping)``: jsonargparse fills
 #: the fields it leaves out from this default, and any other default would leak into them (e.g. its

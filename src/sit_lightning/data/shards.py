@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from ..errors import DataError, DataNotFoundError
+from ..evaluation.images import SD_VAE_SCALE  # the one definition; re-exported here
 
 __all__ = [
     "SD_VAE_SCALE",
@@ -51,7 +52,6 @@ __all__ = [
     "write_json_atomic",
 ]
 
-SD_VAE_SCALE = 0.18215  # Stable Diffusion VAE latent scale (released SiT: .mul_(0.18215))
 DEFAULT_SHARD_SIZE = 4096  # images per shard: 4096 x 64 KiB (4x32x32 float32 x 4 moments) = 256 MiB at 256 px
 INDEX_FILE = "index.json"
 WRITER_FILE = "writer.json"  # settings of a writer, so a resumed writer refuses different ones

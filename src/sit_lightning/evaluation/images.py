@@ -2,15 +2,22 @@
 
 No torchvision: the grid is a few tensor ops and the PNG goes through Pillow.
 
+Latents are decoded after undoing the normalisation training applied (:class:`LatentNormalization`):
+``z * scale`` (the SD-VAE convention, :data:`SD_VAE_SCALE`) or per channel ``(z - mean) / std``, as the
+latent shard index records it (``normalization``, ``scale_factor``, ``channel_mean``, ``channel_std``).
+
 Pixel convention: the model's pixel-space data and a VAE's decoded output are floats in [-1, 1];
 :func:`to_uint8` maps them to 0..255 (clamping first, as the released ``sample.py`` does).
 """
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -20,14 +27,22 @@ __all__ = [
     "AutoencoderKLDecoder",
     "IdentityDecoder",
     "LatentDecoder",
+    "LatentNormalization",
     "image_grid",
     "make_decoder",
     "save_png",
     "to_uint8",
 ]
 
-#: Latent scale factor of the Stable Diffusion VAE (latents are stored as ``z * scale``).
+#: Latent scale factor of the Stable Diffusion VAE: the released train.py trains on
+#: ``vae.encode(x).latent_dist.sample().mul_(0.18215)`` and sample.py decodes ``z / 0.18215``. The one
+#: definition of the constant (``data.shards`` and the callbacks import it).
 SD_VAE_SCALE = 0.18215
+#: The normalisations a latent shard index can record (``data.shards.Normalization``).
+LatentNormalizationKind = Literal["scale", "channel"]
+_NORMALIZATION_KINDS: tuple[str, ...] = get_args(LatentNormalizationKind)
+#: The index file of a latent shard folder (``data.shards.INDEX_FILE``).
+_SHARD_INDEX_FILE = "index.json"
 #: Pixels between grid cells.
 GRID_PADDING = 1
 #: Value range of decoded images.
@@ -104,6 +119,107 @@ def save_png(image: Tensor, path: str | Path) -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class LatentNormalization:
+    """The map from VAE latents ``z`` to the model's data space ``x_1``, and its inverse.
+
+    ``kind="scale"``: ``x_1 = z * scale_factor``; ``kind="channel"``: ``x_1 = (z - mean) / std`` per
+    channel. :meth:`denormalize` is the same arithmetic as ``LatentShards.denormalize`` (float32 on the
+    sample's device), so samples decode exactly as the shards were normalised.
+
+    Attributes:
+        kind: ``"scale"`` or ``"channel"``.
+        scale_factor: the scale of ``kind="scale"`` (SD VAE: :data:`SD_VAE_SCALE`).
+        channel_mean: ``(C,)`` per-channel mean of the unscaled latents (``kind="channel"``).
+        channel_std: ``(C,)`` per-channel std, all > 0 (``kind="channel"``).
+    """
+
+    kind: LatentNormalizationKind = "scale"
+    scale_factor: float = SD_VAE_SCALE
+    channel_mean: tuple[float, ...] | None = None
+    channel_std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in _NORMALIZATION_KINDS:
+            raise ValueError(f"normalization kind must be one of {_NORMALIZATION_KINDS}; got {self.kind!r}")
+        if self.kind == "scale":
+            if not (isinstance(self.scale_factor, (int, float)) and math.isfinite(self.scale_factor)) or not (
+                self.scale_factor > 0
+            ):
+                raise ValueError(
+                    f"normalization 'scale' needs a finite scale_factor > 0; got {self.scale_factor!r}"
+                )
+            if self.channel_mean is not None or self.channel_std is not None:
+                raise ValueError("channel_mean / channel_std belong to normalization 'channel', not 'scale'")
+            return
+        if self.channel_mean is None or self.channel_std is None:
+            raise ValueError("normalization 'channel' needs channel_mean and channel_std")
+        mean = tuple(float(v) for v in self.channel_mean)
+        std = tuple(float(v) for v in self.channel_std)
+        if len(mean) != len(std) or not mean or min(std) <= 0:
+            raise ValueError(
+                f"channel_mean and channel_std must hold one value per channel, std > 0; got {mean} / {std}"
+            )
+        object.__setattr__(self, "channel_mean", mean)  # a YAML / JSON list becomes the tuple
+        object.__setattr__(self, "channel_std", std)
+
+    @classmethod
+    def from_index(cls, index: Mapping[str, Any]) -> LatentNormalization:
+        """The normalisation a latent shard index (``index.json``'s mapping) records."""
+        kind = index.get("normalization", "scale")
+        if kind == "channel":
+            return cls(
+                "channel", channel_mean=index.get("channel_mean"), channel_std=index.get("channel_std")
+            )
+        scale = index.get("scale_factor")
+        return cls(kind, scale_factor=SD_VAE_SCALE if scale is None else float(scale))
+
+    @classmethod
+    def read(cls, path: str | Path) -> LatentNormalization:
+        """The normalisation of a latent shard folder (or of its ``index.json``)."""
+        path = Path(path)
+        index_path = path / _SHARD_INDEX_FILE if path.is_dir() else path
+        if not index_path.is_file():
+            raise ValueError(f"{index_path} not found: give a latent shard folder (with {_SHARD_INDEX_FILE})")
+        return cls.from_index(json.loads(index_path.read_text()))
+
+    def _stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        assert self.channel_mean is not None and self.channel_std is not None  # __post_init__
+        if like.shape[-3] != len(self.channel_mean):
+            raise ValueError(
+                f"the normalisation has {len(self.channel_mean)} channels, the samples "
+                f"{like.shape[-3]} (shape {tuple(like.shape)})"
+            )
+        shape = (-1, 1, 1)
+        mean = torch.tensor(self.channel_mean, dtype=like.dtype, device=like.device).view(shape)
+        std = torch.tensor(self.channel_std, dtype=like.dtype, device=like.device).view(shape)
+        return mean, std
+
+    def normalize(self, z: Tensor) -> Tensor:
+        """Unscaled latents ``(..., C, H, W)`` -> the model's data space."""
+        if self.kind == "scale":
+            return z * self.scale_factor
+        mean, std = self._stats(z)
+        return (z - mean) / std
+
+    def denormalize(self, x: Tensor) -> Tensor:
+        """Model samples ``(..., C, H, W)`` -> latents for ``vae.decode`` (inverse of :meth:`normalize`)."""
+        if self.kind == "scale":
+            return x / self.scale_factor
+        mean, std = self._stats(x)
+        return x * std + mean
+
+    def describe(self) -> dict[str, Any]:
+        """Plain data for reports and JSON."""
+        if self.kind == "scale":
+            return {"kind": "scale", "scale_factor": self.scale_factor}
+        return {
+            "kind": "channel",
+            "channel_mean": list(self.channel_mean or ()),
+            "channel_std": list(self.channel_std or ()),
+        }
+
+
 class LatentDecoder:
     """Maps model samples ``(N, C, h, w)`` to images ``(N, C', H, W)`` in [-1, 1]."""
 
@@ -122,22 +238,43 @@ class IdentityDecoder(LatentDecoder):
 
 
 class AutoencoderKLDecoder(LatentDecoder):
-    """diffusers ``AutoencoderKL`` decode of ``z / scale`` (the SD VAE of SiT), loaded on first use.
+    """diffusers ``AutoencoderKL`` decode of the de-normalised samples (the SD VAE of SiT), loaded on first use.
+
+    The samples are mapped back to VAE latents with :class:`LatentNormalization` (default: divide by
+    :data:`SD_VAE_SCALE`, as the released ``sample.py`` does); give ``latents`` (the shard folder the
+    model was trained on) to undo whatever its index records, per-channel statistics included.
 
     Args:
         pretrained: a local folder or hub id for ``AutoencoderKL.from_pretrained`` (e.g.
             ``stabilityai/sd-vae-ft-ema``); with ``HF_HUB_OFFLINE=1`` it must be in the local cache.
-        scale: the latent scale factor the latents were stored with.
+        scale: the latent scale factor the latents were stored with (used without ``latents``).
         batch_size: images decoded per VAE call (bounds the decoder's memory).
+        latents: a latent shard folder (or its ``index.json``) whose normalisation to undo, or a
+            :class:`LatentNormalization`; replaces ``scale``.
     """
 
-    def __init__(self, pretrained: str, scale: float = SD_VAE_SCALE, batch_size: int = 32) -> None:
+    def __init__(
+        self,
+        pretrained: str,
+        scale: float = SD_VAE_SCALE,
+        batch_size: int = 32,
+        latents: str | LatentNormalization | None = None,
+    ) -> None:
         if not scale > 0:
             raise ValueError(f"scale must be > 0; got {scale}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+        if latents is not None and scale != SD_VAE_SCALE:
+            raise ValueError(f"give either scale ({scale}) or latents ({latents!r}), not both")
         self.pretrained = pretrained
-        self.scale = float(scale)
+        self.normalization = _normalization(latents, scale)
         self.batch_size = int(batch_size)
         self._vae: Any = None
+
+    @property
+    def scale(self) -> float | None:
+        """The scale factor of a ``scale`` normalisation (None for per-channel statistics)."""
+        return self.normalization.scale_factor if self.normalization.kind == "scale" else None
 
     def _load(self, device: torch.device) -> Any:
         if self._vae is None:
@@ -150,22 +287,36 @@ class AutoencoderKLDecoder(LatentDecoder):
     def __call__(self, latents: Tensor) -> Tensor:
         vae = self._load(latents.device)
         dtype = next(vae.parameters()).dtype
-        chunks = [
-            vae.decode(chunk.to(dtype) / self.scale).sample.float()
-            for chunk in latents.split(self.batch_size)
-        ]
+        z = self.normalization.denormalize(latents.float())
+        chunks = [vae.decode(chunk.to(dtype)).sample.float() for chunk in z.split(self.batch_size)]
         return torch.cat(chunks)
 
     def __repr__(self) -> str:
-        return f"AutoencoderKLDecoder({self.pretrained!r}, scale={self.scale})"
+        return f"AutoencoderKLDecoder({self.pretrained!r}, normalization={self.normalization.describe()})"
 
 
-def make_decoder(decoder: str | LatentDecoder | None, scale: float = SD_VAE_SCALE) -> LatentDecoder:
-    """``None`` -> :class:`IdentityDecoder`; a path or hub id -> :class:`AutoencoderKLDecoder`; a decoder as is."""
-    if decoder is None:
-        return IdentityDecoder()
-    if isinstance(decoder, LatentDecoder):
-        return decoder
+def _normalization(latents: str | Path | LatentNormalization | None, scale: float) -> LatentNormalization:
+    if isinstance(latents, LatentNormalization):
+        return latents
+    if latents is not None:
+        return LatentNormalization.read(latents)
+    return LatentNormalization("scale", scale_factor=float(scale))
+
+
+def make_decoder(
+    decoder: str | LatentDecoder | None,
+    scale: float = SD_VAE_SCALE,
+    latents: str | LatentNormalization | None = None,
+) -> LatentDecoder:
+    """``None`` -> :class:`IdentityDecoder`; a path or hub id -> :class:`AutoencoderKLDecoder`; a decoder as is.
+
+    ``scale`` and ``latents`` (a shard folder or a :class:`LatentNormalization`) are the
+    :class:`AutoencoderKLDecoder`'s; they must stay unset with pixel data or a ready decoder.
+    """
+    if decoder is None or isinstance(decoder, LatentDecoder):
+        if latents is not None:
+            raise ValueError(f"latents={latents!r} applies to a VAE decoder given by path or hub id")
+        return IdentityDecoder() if decoder is None else decoder
     if isinstance(decoder, str):
-        return AutoencoderKLDecoder(decoder, scale=scale)
+        return AutoencoderKLDecoder(decoder, scale=scale, latents=latents)
     raise TypeError(f"decoder must be None, a path/hub id or a LatentDecoder; got {type(decoder).__name__}")
