@@ -221,7 +221,7 @@ def test_help_lists_every_subcommand() -> None:
     code, out, _ = _run(["--help"])
     assert code == 0
     assert (
-        "{fit,validate,test,predict,precompute-latents,convert,fid,posthoc-ema}" in out
+        "{fit,validate,test,predict,precompute-latents,convert,sample,fid,posthoc-ema}" in out
     )  # a choice like the Trainer's, listed last
     assert "Encode an ImageFolder tree into VAE latent shards" in " ".join(out.split())  # however wrapped
     code, out, _ = _run(["precompute-latents", "--help"])
