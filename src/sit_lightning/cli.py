@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import pickle
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -317,6 +318,13 @@ def main(args: list[str] | None = None) -> int:
             message = one_line_message(cause)
         elif isinstance(err, MisconfigurationException):
             message = one_line_message(err)
+        elif isinstance(err, pickle.UnpicklingError):  # fit/validate --ckpt_path refused a type (nothing ran)
+            from .models.checkpoint import refused_type
+
+            message = (
+                f"the checkpoint holds {refused_type(err)}, which sit-lightning does not load (nothing from the "
+                "file was run); if you trust the file, see docs/training.md, 'Which files are trusted'"
+            )
         elif isinstance(err, OSError) and err.errno in unwritable:
             message = (
                 f"cannot write {err.filename!r}: {err.strerror}; choose a writable folder with room to spare"

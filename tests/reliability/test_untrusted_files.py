@@ -237,3 +237,28 @@ def test_lightning_resumes_a_python_checkpoint_inside_trusted_globals(fresh_chec
         resume()
     with trusted_globals():
         assert resume() == 3
+
+
+def test_fit_resuming_from_a_payload_is_one_line_and_runs_nothing(tmp_path: Path) -> None:
+    import contextlib
+    import io
+
+    from sit_lightning.cli import main
+
+    path, sentinel = _evil_checkpoint(tmp_path, "posix.system", "hparams")
+    arch = "{" + ", ".join(f"{k}: {v}" for k, v in FIXTURE_ARCH.items()) + ", learn_sigma: false}"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_info:
+        main(
+            ["fit", "--model.arch", arch, "--data.class_path", "sit_lightning.data.DigitsDataModule",
+             "--trainer.max_steps", "7", "--trainer.accelerator", "cpu", "--trainer.logger", "false",
+             "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path / "run"),
+             "--ckpt_path", str(path)]
+        )  # fmt: skip
+    lines = [line for line in err.getvalue().splitlines() if line.startswith("sit-lightning: error:")]
+    assert exit_info.value.code == 2
+    assert lines == [
+        "sit-lightning: error: the checkpoint holds posix.system, which sit-lightning does not load (nothing "
+        "from the file was run); if you trust the file, see docs/training.md, 'Which files are trusted'"
+    ], err.getvalue()[-2000:]
+    assert not sentinel.exists(), "the payload ran"
