@@ -289,7 +289,8 @@ class AtomicModelCheckpoint(ModelCheckpoint):
     At setup it installs :class:`AtomicCheckpointIO` when the strategy has Lightning's default
     ``TorchCheckpointIO`` (a CheckpointIO of another class, from ``plugins`` or the strategy, is kept).
     ``fit(ckpt_path="last")`` then resumes from the newest checkpoint of this callback's folder that
-    loads (:func:`find_resumable`), not only from ``last*.ckpt``. Arguments are ``ModelCheckpoint``'s.
+    loads (:func:`find_resumable`), not only from ``last*.ckpt``; without a ``dirpath``, the folders of
+    the logger's earlier versions count too, since a new run logs to a new, empty version folder. Arguments are ``ModelCheckpoint``'s.
     FSDP2 folders are atomic only under :class:`AtomicModelParallelStrategy`, which a warning suggests.
     """
 
@@ -313,5 +314,14 @@ class AtomicModelCheckpoint(ModelCheckpoint):
         folders = {Path(p).parent for p in lasts if _is_local(p)}
         if self.dirpath is not None and _is_local(self.dirpath):
             folders.add(Path(self.dirpath))
+        elif self.dirpath is None and trainer.loggers:
+            # Without a dirpath each run writes to its logger's new version folder, which is still empty
+            # when "last" is resolved: look in the earlier runs' folders of the same logger too, so that
+            # a preempted or requeued job rerun with --ckpt_path last resumes (docs/training.md).
+            logger = trainer.loggers[0]
+            root = Path(logger.save_dir if logger.save_dir is not None else trainer.default_root_dir)
+            root = root / str(logger.name)
+            if _is_local(root) and root.is_dir():
+                folders.update(p for p in root.glob("*/checkpoints") if p.is_dir())
         found = (find_resumable(folder, self.FILE_EXTENSION) for folder in sorted(folders))
         return {str(p) for p in found if p is not None} | {p for p in lasts if not _is_local(p)}

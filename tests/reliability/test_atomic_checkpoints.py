@@ -230,6 +230,30 @@ def test_crash_while_checkpointing_then_resume_from_last_skips_a_torn_last(tmp_p
     assert trainer.global_step == 4 and checkpoint_problem(last) is None
 
 
+def test_last_without_a_dirpath_finds_the_previous_runs_version_folder(tmp_path):
+    """A rerun (a requeued job) logs to a new, empty version folder; "last" looks in the earlier ones."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    def run(max_steps: int, ckpt_path: str | None) -> tuple[pl.Trainer, _RecordWeights]:
+        module = SiTModule(arch=TINY, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+        record = _RecordWeights()
+        checkpoints = AtomicModelCheckpoint(every_n_train_steps=1, save_last=True)  # no dirpath
+        kwargs = trainer_kwargs(
+            max_steps=max_steps, enable_checkpointing=True, callbacks=[checkpoints, record]
+        )
+        kwargs["logger"] = CSVLogger(tmp_path, name="run")
+        trainer = pl.Trainer(**kwargs)
+        trainer.fit(module, RandomLatentsDataModule(), ckpt_path=ckpt_path)
+        return trainer, record
+
+    first, _ = run(2, None)
+    saved = torch.load(tmp_path / "run" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
+    second, record = run(3, "last")
+    assert second.logger.version == 1  # a new folder, empty when "last" was resolved
+    assert record.start[0] == 2 and _equal(record.start[1], saved["state_dict"])
+    assert second.global_step == 3
+
+
 # ------------------------------------------------------------------------------------------------
 # FSDP2 (ModelParallelStrategy): sharded folders, one process on CPU (gloo)
 # ------------------------------------------------------------------------------------------------
