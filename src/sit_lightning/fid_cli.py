@@ -4,6 +4,7 @@
         --inception_weights weights-inception-2015-12-05-6726825d.pth
     sit-lightning fid samples.npz digits-test --extractor digits            # the digits demo's judge
     sit-lightning fid samples_png/ reference_png/ --cache_dir eval_cache --format json
+    sit-lightning fid samples.npz reference_png/ --extractor features.pt     # a TorchScript extractor
 
 Samples: an ADM-style ``.npz`` (``arr_0`` uint8 N x H x W x C, labels ``arr_1``) or a folder of PNG
 files. The reference is one of
@@ -15,8 +16,10 @@ files. The reference is one of
 - ``digits-test``: the digits data module's test split, the reference of ``FIDCallback`` on the digits.
 
 Extractors: ``inception`` (torchmetrics' InceptionV3 through the ``fid`` extra; also gives the
-Inception Score) or ``digits`` (the digits judge of :mod:`sit_lightning.evaluation.digits_classifier`,
-trained on the digits train split; also the accuracy judge). Both see the samples as
+Inception Score), ``digits`` (the digits judge of :mod:`sit_lightning.evaluation.digits_classifier`,
+trained on the digits train split; also the accuracy judge) or a TorchScript file: a module mapping
+images in [-1, 1] to ``(N, D)`` features, with an int attribute ``num_features = D`` (any features a
+user trusts, or a tiny one for a check without Inception weights). All see the samples as
 :func:`~sit_lightning.evaluation.fid.through_uint8` makes them in ``FIDCallback``, so this command on
 the ``.npz`` of a callback's samples prints the callback's numbers. sFID, precision and recall: run
 ADM's evaluator suite on the ``.npz``. See docs/evaluation.md, "sit-lightning fid".
@@ -60,6 +63,7 @@ FID_SUBCOMMAND = "fid"
 DIGITS_TEST_REFERENCE = "digits-test"
 #: ``FIDCallback``'s cache name of that reference, so both share one cached statistics file.
 _DIGITS_TEST_DATASET = "DigitsDataModule-test"
+#: The built-in extractors; ``--extractor`` also takes a TorchScript file (see module docs).
 Extractor = Literal["inception", "digits"]
 OutputFormat = Literal["text", "json"]
 #: The judge ``--classifier digits`` names (the default with ``--extractor digits``).
@@ -84,7 +88,8 @@ class FIDReport:
         samples: the sample file or folder.
         num_samples: images scored.
         reference: the reference argument, and ``reference_kind`` what it held.
-        extractor: ``inception`` or ``digits``; ``extractor_name`` says which network that is.
+        extractor: ``inception``, ``digits`` or a TorchScript file; ``extractor_name`` says which network
+            that is.
         fid: Frechet distance of the extractor's features, samples vs reference.
         inception_score: mean and std over splits (Inception only).
         conditional_accuracy: share of samples the classifier assigns to their label (None without
@@ -145,7 +150,7 @@ def _digits_judge(cache_dir: str | None) -> DigitsClassifier:
 
 
 def _extractor(
-    extractor: Extractor, inception_weights: str | None, cache_dir: str | None
+    extractor: str, inception_weights: str | None, cache_dir: str | None
 ) -> tuple[nn.Module, DigitsClassifier | None]:
     if extractor == "inception":
         return InceptionFeatures(inception_weights), None
@@ -154,7 +159,20 @@ def _extractor(
 
         judge = _digits_judge(cache_dir)
         return DigitsFeatures(judge), judge
-    raise ValueError(f"--extractor must be one of {list(_EXTRACTOR_NAMES)}; got {extractor!r}")
+    # TorchScript, as for --classifier: a module file without pickled Python code
+    feature = torch.jit.load(extractor, map_location="cpu").eval()
+    if not isinstance(getattr(feature, "num_features", None), int):
+        raise ValueError(
+            f"--extractor {extractor}: the TorchScript module needs an int attribute `num_features` "
+            "(the width of its (N, D) features)"
+        )
+    return feature, None
+
+
+def _extractor_name(extractor: str, feature: nn.Module) -> str:
+    if extractor in _EXTRACTOR_NAMES:
+        return _EXTRACTOR_NAMES[extractor]
+    return f"TorchScript file {extractor}, {feature.num_features} features"
 
 
 def _reference(
@@ -228,7 +246,7 @@ def measure_fid(
     samples: str,
     reference: str,
     *,
-    extractor: Extractor = "inception",
+    extractor: Extractor | str = "inception",
     classifier: str | None = None,
     inception_weights: str | None = None,
     cache_dir: str | None = None,
@@ -241,8 +259,10 @@ def measure_fid(
         samples: an ``.npz`` (``arr_0`` uint8 N x H x W x C, optional labels ``arr_1``) or a PNG folder.
         reference: an ``.npz`` with ``mu``/``sigma`` of the extractor's width (an ADM reference batch),
             an ``.npz`` with images ``arr_0``, a PNG folder, a ``.pt`` statistics file, or ``digits-test``.
-        extractor: ``inception`` (torchmetrics' InceptionV3; needs ``pip install "sit-lightning[fid]"``)
-            or ``digits`` (the digits judge, trained on the digits train split).
+        extractor: ``inception`` (torchmetrics' InceptionV3; needs ``pip install "sit-lightning[fid]"``),
+            ``digits`` (the digits judge, trained on the digits train split), or a TorchScript file
+            mapping images ``(N, C, H, W)`` in [-1, 1] to features ``(N, D)``, with an int attribute
+            ``num_features = D`` (works offline, on any image size the module accepts).
         classifier: the judge of the conditional accuracy (needs labels in the samples): ``digits``
             (the default with ``--extractor digits``) or a TorchScript file mapping images in [-1, 1]
             to logits. None with Inception: no accuracy.
@@ -254,6 +274,10 @@ def measure_fid(
     """
     if batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1; got {batch_size}")
+    if extractor not in _EXTRACTOR_NAMES and not Path(extractor).is_file():
+        raise ValueError(
+            f"--extractor must be one of {list(_EXTRACTOR_NAMES)} or a TorchScript file; got {extractor!r}"
+        )
     run_on = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     read = read_images(samples)
     pixels, labels = read.pixels, read.labels
@@ -290,7 +314,7 @@ def measure_fid(
         reference=str(reference),
         reference_kind=ref_kind,
         extractor=extractor,
-        extractor_name=_EXTRACTOR_NAMES[extractor],
+        extractor_name=_extractor_name(extractor, feature),
         fid=fid,
         inception_score=score,
         conditional_accuracy=accuracy,
