@@ -178,6 +178,14 @@ CASES: dict[str, Case] = {
     "zero max_steps": Case(
         "cli", lambda i, out: _fit(i.shards, out, "--trainer.max_steps", "0"), ("trainer.max_steps is 0",)
     ),
+    "zero max_steps on the digits": Case(
+        "cli",
+        lambda i, out: [
+            "fit", "--config", str(Path(__file__).resolve().parents[2] / "configs" / "digits.yaml"),
+            "--trainer.max_steps", "0", "--trainer.logger", "false", "--trainer.default_root_dir", str(out),
+        ],  # fmt: skip
+        ("trainer.max_steps is 0",),
+    ),
     "negative max_steps": Case(
         "cli",
         lambda i, out: _fit(i.shards, out, "--trainer.max_steps", "-2"),

@@ -18,7 +18,6 @@ ahead of time.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +25,7 @@ from torch import Tensor
 
 from sit_lightning.data.shards import LatentShards
 from sit_lightning.data.stream import SampleStreamDataModule
-from sit_lightning.errors import ConfigurationError, DataError, require_writable_folder
+from sit_lightning.errors import ConfigurationError, DataError
 from sit_lightning.randomness import keyed_generator, keyed_rand, keyed_randn
 
 __all__ = ["LatentDataModule", "LatentSource", "FLIP_STREAM", "POSTERIOR_STREAM"]
@@ -37,8 +36,6 @@ VAL_STREAM_PREFIX = "val."  # validation keys restart at 0: their own streams ke
 SPLIT_STREAM = "data.val_split"
 FLIP_PROBABILITY = 0.5
 _KEYED_STEP = 0  # the key already holds the epoch, so the randomness "step" slot stays constant
-#: Copies of the parameters in a checkpoint: weights, EMA weights and AdamW's two moments.
-CHECKPOINT_PARAMETER_COPIES = 4
 
 
 class LatentSource:
@@ -189,8 +186,7 @@ class LatentDataModule(SampleStreamDataModule):
 
     # ----------------------------------------------------------------- splits
     def setup(self, stage: str | None = None) -> None:
-        if stage == "fit" and self.trainer is not None:
-            _check_fit(self.trainer)
+        super().setup(stage)  # the checks of a fit (SampleStreamDataModule.setup)
         if self._train is not None:
             return
         shards = self.shards
@@ -229,26 +225,3 @@ class LatentDataModule(SampleStreamDataModule):
     def val_source(self) -> LatentSource | None:
         self.setup()
         return self._val
-
-
-def _check_fit(trainer: Any) -> None:
-    """Fail before the first step on a fit that would train nothing or could not save its results."""
-    if trainer.max_steps == 0:
-        raise ConfigurationError(
-            "trainer.max_steps is 0: the fit would train nothing; set trainer.max_steps >= 1, "
-            "or -1 to train for trainer.max_epochs"
-        )
-    checkpoints = list(trainer.checkpoint_callbacks)
-    folders: dict[str, str] = {}
-    for callback in checkpoints:
-        dirpath = getattr(callback, "dirpath", None)
-        if dirpath is not None and "://" not in str(dirpath):  # remote storage is not checked
-            folders.setdefault(str(dirpath), f"{type(callback).__name__} dirpath")
-    writes_root = trainer.loggers or any(getattr(c, "dirpath", None) is None for c in checkpoints)
-    if writes_root and "://" not in str(trainer.default_root_dir):
-        folders.setdefault(str(trainer.default_root_dir), "trainer.default_root_dir")
-    module = trainer.lightning_module
-    parameter_bytes = sum(p.numel() * p.element_size() for p in module.parameters()) if module else 0
-    needed = CHECKPOINT_PARAMETER_COPIES * parameter_bytes if checkpoints else 0
-    for folder, setting in folders.items():
-        require_writable_folder(folder, setting=setting, min_free_bytes=needed)

@@ -32,6 +32,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from sit_lightning.errors import ConfigurationError, require_writable_folder
 from sit_lightning.randomness import keyed_generator
 
 # Our streams yield whole per-rank batches and split them across workers themselves, so their
@@ -327,6 +328,11 @@ class SampleStreamDataModule(pl.LightningDataModule):
         self._position = StreamPosition()
         self._train_sampler: GlobalBatchSampler | None = None
 
+    def setup(self, stage: str | None = None) -> None:
+        """Before a fit: fail on one that would train nothing or could not save (:func:`check_fit`)."""
+        if stage == "fit" and self.trainer is not None:
+            check_fit(self.trainer)
+
     # ----------------------------------------------------------------- to implement
     def train_source(self) -> SampleSource:
         raise NotImplementedError(f"{type(self).__name__} must implement train_source() -> SampleSource")
@@ -402,3 +408,30 @@ class SampleStreamDataModule(pl.LightningDataModule):
     def consumed_steps(self) -> int:
         """Global batches the training loop has taken so far (the resume point)."""
         return self._position.next_step
+
+
+#: Copies of the parameters in a checkpoint: weights, EMA weights and AdamW's two moments.
+CHECKPOINT_PARAMETER_COPIES = 4
+
+
+def check_fit(trainer: Any) -> None:
+    """Fail before the first step on a fit that would train nothing or could not save its results."""
+    if trainer.max_steps == 0:
+        raise ConfigurationError(
+            "trainer.max_steps is 0: the fit would train nothing; set trainer.max_steps >= 1, "
+            "or -1 to train for trainer.max_epochs"
+        )
+    checkpoints = list(trainer.checkpoint_callbacks)
+    folders: dict[str, str] = {}
+    for callback in checkpoints:
+        dirpath = getattr(callback, "dirpath", None)
+        if dirpath is not None and "://" not in str(dirpath):  # remote storage is not checked
+            folders.setdefault(str(dirpath), f"{type(callback).__name__} dirpath")
+    writes_root = trainer.loggers or any(getattr(c, "dirpath", None) is None for c in checkpoints)
+    if writes_root and "://" not in str(trainer.default_root_dir):
+        folders.setdefault(str(trainer.default_root_dir), "trainer.default_root_dir")
+    module = trainer.lightning_module
+    parameter_bytes = sum(p.numel() * p.element_size() for p in module.parameters()) if module else 0
+    needed = CHECKPOINT_PARAMETER_COPIES * parameter_bytes if checkpoints else 0
+    for folder, setting in folders.items():
+        require_writable_folder(folder, setting=setting, min_free_bytes=needed)
