@@ -18,6 +18,7 @@ ALLOWED: dict[str, set[str]] = {
     "interpolants": {"errors"},
     "models": {"errors"},
     "objective": {"interpolants", "errors"},
+    "repa": {"errors"},  # REPA's projector, loss and frozen-encoder plumbing (no Lightning)
     "sampling": {"interpolants", "errors"},
     "evaluation": {"randomness", "errors"},
     "data": {"randomness", "evaluation", "errors"},  # evaluation: the one SD_VAE_SCALE
@@ -34,6 +35,7 @@ ALLOWED: dict[str, set[str]] = {
         "interpolants",
         "trusted_loading",
         "errors",
+        "repa",
     },
     "convert_cli": {"models", "module", "trusted_loading"},  # reads Lightning checkpoints as dicts
     # `sit-lightning sample`: Fabric runs the sampler; the files are evaluation/npz.py's

@@ -27,6 +27,7 @@ from .errors import ConfigurationError, ShapeMismatchError  # defined low so tha
 from .models import SIT_PRESETS, SiT, SiTConfig, SiTPreset
 from .objective import TrainingObjective
 from .randomness import keyed_rand, keyed_randn
+from .repa import HiddenCapture, RepaConfig, RepaProjector, build_encoder, encode_images, repa_loss
 from .sampling import ModelField, SampleResult, SamplerSettings, WKLEta
 from .sampling.presets import SamplerPresetName, sampler_preset
 
@@ -255,6 +256,12 @@ class SiTModule(LightningModule):
         max_consecutive_nonfinite: an optimizer step whose gradients are not finite (NaN/Inf loss or
             gradient) is skipped on every rank alike; after this many in a row training stops with
             :class:`NonFiniteTrainingError` (see :class:`NonFiniteSteps`; docs/training.md).
+        repa: REPA (representation alignment, Yu et al. ICLR 2025; :class:`~sit_lightning.repa.RepaConfig`):
+            ``loss_weight`` times the REPA loss of the tokens after block ``encoder_depth`` is added to the
+            objective's loss in training. Its projector is a trained submodule (averaged by the EMA like
+            every parameter); the frozen encoder is not a submodule (no state dict, optimizer or EMA
+            entry) and is built when training starts. Batches carry ``image`` (uint8 RGB) or
+            ``repa_features``. None (default): no REPA, training exactly as without it.
     """
 
     def __init__(
@@ -268,21 +275,37 @@ class SiTModule(LightningModule):
         compile: bool = False,
         loss_profile_bins: int = LOSS_PROFILE_BINS,
         max_consecutive_nonfinite: int = MAX_CONSECUTIVE_NONFINITE,
+        repa: RepaConfig | None = None,
     ) -> None:
         super().__init__()
         config = _arch_config(arch)
         if loss_profile_bins < 1:
             raise ValueError(f"loss_profile_bins must be >= 1; got {loss_profile_bins}")
+        repa = RepaConfig.from_value(repa) if repa is not None else None
+        if repa is not None and repa.encoder_depth > config.depth:
+            raise ValueError(
+                f"repa.encoder_depth {repa.encoder_depth} is deeper than the network ({config.depth} blocks)"
+            )
         # The objective is kept (load_from_checkpoint rebuilds it); the optimizer callables are not state.
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         if isinstance(arch, SiTConfig):  # plain data in the checkpoint and in hparams.yaml
             self.hparams["arch"] = dataclasses.asdict(arch)
+        if repa is not None:
+            self.hparams["repa"] = repa.as_dict()
         self.config = config
         # Weights depend on `seed` only, not on the global RNG state or on which rank builds them:
         # FSDP2 shards the tensors each rank initialised, so all ranks must build the same ones.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.network = SiT(config, grad_checkpointing=grad_checkpointing)
+            # drawn after the network's weights, so that the network's are the same with REPA or without
+            self.repa_projector = (
+                RepaProjector(config.hidden_size, repa.projector_dim, repa.feature_dim) if repa else None
+            )
+        self.repa = repa
+        # In a list, not an attribute nn.Module sees: the frozen encoder (86M parameters for DINOv2
+        # ViT-B) stays out of state_dict(), parameters() (so the optimizer and the EMA) and checkpoints.
+        self._repa_encoder: list[torch.nn.Module] = []
         self.objective = objective if objective is not None else TrainingObjective()
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -312,6 +335,17 @@ class SiTModule(LightningModule):
         # an out-of-range label still fails inside nn.Embedding.
         if self.device.type == "cuda":
             self.network.check_label_range = False
+        if (
+            stage == "fit"
+            and self.repa is not None
+            and self.repa.encoder is not None
+            and not self._repa_encoder
+        ):
+            self._repa_encoder.append(build_encoder(self.repa, self.config.grid_size))  # fails before step 1
+
+    def on_fit_start(self) -> None:
+        for encoder in self._repa_encoder:  # not a submodule: Lightning does not move it
+            encoder.to(self.device)
 
     def check_data(self, latent_shape: Sequence[int] | None = None, num_classes: int | None = None) -> None:
         """Raise :class:`ShapeMismatchError` if data of this shape / class count cannot feed the network.
@@ -345,6 +379,8 @@ class SiTModule(LightningModule):
             for block in self.network.blocks:
                 fully_shard(block, mesh=dp_mesh)
             fully_shard(self.network, mesh=dp_mesh)
+            if self.repa_projector is not None:  # its gradients are reduced over ranks like the network's
+                fully_shard(self.repa_projector, mesh=dp_mesh)
         if self.compile_network and not self._compiled:
             self.network.compile()  # in place: parameter names (and checkpoints) stay the same
             self._compiled = True
@@ -396,13 +432,48 @@ class SiTModule(LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         draws = self.training_draws(batch, self.global_step)
+        model = self.network if self.repa is None else HiddenCapture(self.network, self.repa.encoder_depth)
         out = self.objective.loss(
-            self.network, batch["x"], t=draws.t, x_0=draws.x_0, y=batch["y"], drop_labels=draws.drop_labels
+            model, batch["x"], t=draws.t, x_0=draws.x_0, y=batch["y"], drop_labels=draws.drop_labels
         )
         loss = out.loss.mean()
+        if isinstance(model, HiddenCapture):
+            alignment = self.repa_loss(model.hidden, batch)
+            self.log("train/repa_loss", alignment)
+            loss = loss + self.repa.loss_weight * alignment
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
+
+    def repa_loss(self, hidden: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
+        """The batch mean of :func:`~sit_lightning.repa.repa_loss` of ``(N, T, D)`` hidden tokens.
+
+        The target features are ``batch["repa_features"]`` when the batch has them (precomputed),
+        else the frozen encoder's features of ``batch["image"]``.
+        """
+        if self.repa is None or self.repa_projector is None:
+            raise ConfigurationError("this module was built without repa")
+        return repa_loss(self.repa_projector(hidden), self.repa_targets(batch)).mean()
+
+    def repa_targets(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """``(N, T, C)`` REPA target features of a batch: precomputed, or encoded from the clean images."""
+        assert self.repa is not None
+        if "repa_features" in batch:
+            return batch["repa_features"]
+        if "image" in batch and self.repa.encoder is not None:
+            if not self._repa_encoder:  # training_step called outside Trainer.fit
+                self._repa_encoder.append(build_encoder(self.repa, self.config.grid_size))
+            encoder = self._repa_encoder[0]
+            image = batch["image"]
+            if next(encoder.parameters(), image).device != image.device:
+                encoder.to(image.device)
+            return encode_images(encoder, image, self.repa.encoder_resolution)
+        wanted = "'repa_features' (precomputed) or 'image'" if self.repa.encoder else "'repa_features'"
+        raise ConfigurationError(
+            f"REPA needs {wanted} in every training batch, but the batch has {sorted(batch)}"
+            + ("" if self.repa.encoder else " (model.repa.encoder is null: features must be precomputed)")
+            + "; see docs/training.md, 'REPA'"
+        )
 
     @property
     def last_step_finite(self) -> bool | Tensor | None:

@@ -27,7 +27,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "print_config"
 REGENERATE = ".venv/bin/python tests/fixtures/print_config/regenerate.py"
 PAPER_CONFIG = re.compile(
-    r"sit_(s|b|l|xl)_(linear|gvp|vp)(_512|_score|_score_lambda|_score_likelihood|_noise)?\.yaml"
+    r"sit_(s|b|l|xl)_(linear|gvp|vp)(_512|_score|_score_lambda|_score_likelihood|_noise|_repa)?\.yaml"
 )
 ARCH = {"s": "SiT-S/2", "b": "SiT-B/2", "l": "SiT-L/2", "xl": "SiT-XL/2"}
 WEIGHT = {"_score_lambda": "velocity", "_score_likelihood": "likelihood"}
@@ -59,7 +59,7 @@ def _resolved(config: Path, *extra: str) -> dict:
 
 def _paper_configs() -> list[Path]:
     configs = [p for p in sorted(CONFIGS.glob("*.yaml")) if PAPER_CONFIG.fullmatch(p.name)]
-    assert len(configs) == 19, [p.name for p in configs]
+    assert len(configs) == 20, [p.name for p in configs]
     return configs
 
 

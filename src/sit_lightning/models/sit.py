@@ -21,7 +21,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import SIT_PRESETS, SiTConfig
 
-__all__ = ["SiT", "SiT_models", "build_sit", "sincos_pos_embed_2d", "timestep_embedding"]
+__all__ = ["SiT", "SiTOutput", "SiT_models", "build_sit", "sincos_pos_embed_2d", "timestep_embedding"]
 
 #: Width of the sinusoidal time features fed to the time MLP (GLIDE / DiT).
 TIME_FREQUENCY_DIM = 256
@@ -226,6 +226,18 @@ class FinalLayer(nn.Module):
 # ------------------------------------------------------------------------------------------------
 # The network
 # ------------------------------------------------------------------------------------------------
+class SiTOutput(NamedTuple):
+    """What :meth:`SiT.forward` returns when asked for hidden tokens (``return_hidden_at=k``).
+
+    Attributes:
+        field: (N, C, H, W) the network field, as the plain forward returns it.
+        hidden: (N, T, D) the tokens after the first k blocks (before the final layer).
+    """
+
+    field: Tensor
+    hidden: Tensor
+
+
 class SiT(nn.Module):
     """Scalable Interpolant Transformer: latent image, time and class -> a field of the same shape.
 
@@ -345,7 +357,15 @@ class SiT(nn.Module):
                 null = f" ({self.num_classes} = null class)" if self.has_null_class else ""
                 raise ValueError(f"labels must be in [0, {top}]{null}, got values in [{low}, {high}]")
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor, *, drop_labels: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor,
+        y: Tensor,
+        *,
+        drop_labels: Tensor | None = None,
+        return_hidden_at: int | None = None,
+    ) -> Tensor | SiTOutput:
         """Evaluate the network.
 
         Label dropout (classifier-free guidance training): ``drop_labels`` (bool (N,)), when given,
@@ -361,15 +381,23 @@ class SiT(nn.Module):
             t: (N,) float times in [0, 1]; 0 = noise, 1 = data (raw, not scaled by 1000).
             y: (N,) int64 labels in [0, num_classes] (num_classes = null class, if it exists).
             drop_labels: optional (N,) bool mask of labels to replace by the null class.
+            return_hidden_at: also return the (N, T, D) tokens after the first k blocks (k = 8: after
+                ``blocks[7]``, REPA's ``encoder_depth``), for a representation-alignment loss
+                (``sit_lightning.repa``); ``1 <= k <= depth``. None (default): the plain forward.
 
         Returns:
-            (N, C, H, W): the network field (the ``learn_sigma`` half is dropped).
+            (N, C, H, W): the network field (the ``learn_sigma`` half is dropped); with
+            ``return_hidden_at``, a :class:`SiTOutput` of that field and the hidden tokens.
 
         Raises:
             ValueError: wrong shapes or dtypes, or labels out of range (value check skipped while
                 compiling, see ``_validate``).
         """
         self._validate(x, t, y, drop_labels)
+        if return_hidden_at is not None and not 1 <= return_hidden_at <= self.depth:
+            raise ValueError(
+                f"return_hidden_at must be in [1, {self.depth}] (the depth); got {return_hidden_at}"
+            )
         if drop_labels is None and self.training and self.class_dropout_prob > 0:
             drop_labels = torch.rand(y.shape, device=y.device) < self.class_dropout_prob
         if drop_labels is not None:
@@ -378,10 +406,14 @@ class SiT(nn.Module):
         h = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
         use_checkpoint = self.grad_checkpointing and self.training and torch.is_grad_enabled()
-        for block in self.blocks:
+        hidden = None
+        for k, block in enumerate(self.blocks, start=1):
             h = checkpoint(block, h, c, use_reentrant=False) if use_checkpoint else block(h, c)
+            if k == return_hidden_at:
+                hidden = h  # (N, T, D) after the first k blocks
         h = self.final_layer(h, c)  # (N, T, p * p * out_channels)
-        return self.unpatchify(h, self.in_channels)  # (N, C, H, W): the learn_sigma half is dropped
+        field = self.unpatchify(h, self.in_channels)  # (N, C, H, W): the learn_sigma half is dropped
+        return field if return_hidden_at is None else SiTOutput(field=field, hidden=hidden)
 
     def unpatchify(self, tokens: Tensor, channels: int | None = None) -> Tensor:
         """(N, T, p * p * c) -> (N, channels, H, W), keeping the first ``channels`` of c (default all).
