@@ -7,7 +7,8 @@
     sit-lightning fit --config configs/sit_xl_linear.yaml --ckpt_path init.ckpt   # fine-tune from it
 
 Inputs: a Lightning checkpoint (``.ckpt``: the ``network.`` weights of ``state_dict`` and the EMA of
-the :class:`~sit_lightning.callbacks.EMACallback` state in ``callbacks``) or a released file (``.pt``
+the :class:`~sit_lightning.callbacks.EMACallback` state in ``callbacks``; also a sharded FSDP2
+checkpoint folder, consolidated in memory by :func:`consolidate`) or a released file (``.pt``
 / ``.pth``: a bare state dict or a released ``train.py`` checkpoint; ``.safetensors``). The state-dict
 work is :mod:`sit_lightning.models.convert`; this module reads and writes the files. A Lightning
 checkpoint is a dict read with ``torch.load``; Lightning itself is imported only to stamp its version
@@ -39,7 +40,15 @@ from .models.convert import (
     to_released_training,
 )
 
-__all__ = ["CONVERT_SUBCOMMAND", "ConvertResult", "ConvertTarget", "convert_checkpoint", "convert_main"]
+__all__ = [
+    "CONVERT_SUBCOMMAND",
+    "ConvertResult",
+    "ConvertTarget",
+    "consolidate",
+    "consolidate_checkpoint",
+    "convert_checkpoint",
+    "convert_main",
+]
 
 #: Subcommand name (dispatched by ``sit-lightning``'s ``main`` before LightningCLI).
 CONVERT_SUBCOMMAND = "convert"
@@ -50,6 +59,13 @@ LIGHTNING_SUFFIX = ".ckpt"
 NETWORK_PREFIX = "network."
 #: ``EMACallback.state_key`` (its class name): where Lightning stores the callback's state.
 EMA_STATE_KEY = "EMACallback"
+#: ``callbacks.ema.SHARDED_EMA_PREFIX`` / ``SHARDED_EMA_FIELD`` (this layer may not import callbacks): in a
+#: sharded checkpoint the EMA tensors are ``state_dict`` entries under the prefix the field names.
+SHARDED_EMA_PREFIX = "_ema."
+SHARDED_EMA_FIELD = "ema_prefix"
+#: Files that make a folder a sharded (DCP) Lightning checkpoint: the DCP index and Lightning's ``meta.pt``.
+_DCP_INDEX = ".metadata"
+_LIGHTNING_META = "meta.pt"
 #: Suffixes each target may be written to.
 _OUTPUT_SUFFIXES: dict[str, tuple[str, ...]] = {
     "released-train": TORCH_SUFFIXES,
@@ -112,15 +128,72 @@ def _check_fits(config: SiTConfig, state: Mapping[str, Tensor], path: Path, what
         raise ValueError(f"{path}: the {what} weights do not fit the stored arch {config}: {differ[:5]}")
 
 
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a sharded FSDP2 checkpoint folder (DCP shards, their index and ``meta.pt``)."""
+    path = Path(path)
+    return path.is_dir() and (path / _DCP_INDEX).is_file() and (path / _LIGHTNING_META).is_file()
+
+
+def _move_sharded_ema(checkpoint: dict[str, Any]) -> None:
+    """Move the EMA of a consolidated sharded checkpoint from ``state_dict`` into its callback state, in place."""
+    state_dict = checkpoint.get("state_dict")
+    for key, state in (checkpoint.get("callbacks") or {}).items():
+        if not (str(key).startswith(EMA_STATE_KEY) and isinstance(state, dict)):
+            continue
+        prefix = state.pop(SHARDED_EMA_FIELD, None)
+        if prefix is None or not isinstance(state_dict, dict):
+            continue
+        names = [k for k in state_dict if k.startswith(prefix)]
+        state["ema"] = {k.removeprefix(prefix): state_dict.pop(k) for k in names}
+
+
+def consolidate(folder: str | Path) -> dict[str, Any]:
+    """A sharded FSDP2 checkpoint folder as one checkpoint dict, in the single-file layout.
+
+    The DCP shards are read in full into CPU memory (Lightning's consolidation, trusted classes as for a
+    file); the EMA entries of ``state_dict`` move into the ``EMACallback`` state as full tensors, so
+    ``state_dict`` holds only the module's weights. Optimizer states stay as DCP stores them
+    (``optimizer_0``, keyed by parameter name): the result is for ``sample`` / ``convert``, not for a resume.
+
+    Raises:
+        ValueError: ``folder`` is not a sharded checkpoint folder.
+    """
+    from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+    from .trusted_loading import refusing_untrusted
+
+    folder = Path(folder)
+    if not is_sharded_checkpoint(folder):
+        raise ValueError(
+            f"{folder} is not a sharded checkpoint folder (no {_DCP_INDEX} and {_LIGHTNING_META})"
+        )
+    with refusing_untrusted(folder / _LIGHTNING_META):
+        checkpoint = _load_distributed_checkpoint(folder)
+    _move_sharded_ema(checkpoint)
+    return checkpoint
+
+
+def consolidate_checkpoint(folder: str | Path, output: str | Path) -> Path:
+    """Write the sharded checkpoint ``folder`` as the one file ``output`` (atomically); see :func:`consolidate`."""
+    return save_torch(consolidate(folder), output)
+
+
 def read_lightning(path: str | Path) -> SourceWeights:
     """The network and EMA weights (released layout, no ``network.`` prefix) of a SiTModule checkpoint.
+
+    ``path``: a ``.ckpt`` file or a sharded FSDP2 checkpoint folder (consolidated in memory).
 
     Raises:
         ValueError: the file is not a Lightning checkpoint of a SiTModule, or its stored arch does not
             fit its weights.
     """
     path = Path(path)
-    checkpoint = _load_lightning_file(path)
+    if is_sharded_checkpoint(path):
+        checkpoint = consolidate(path)
+    else:
+        checkpoint = _load_lightning_file(path)
+        if isinstance(checkpoint, dict):
+            _move_sharded_ema(checkpoint)  # a folder consolidated by Lightning's own tool
     state = checkpoint.get("state_dict") if isinstance(checkpoint, Mapping) else None
     if not isinstance(state, Mapping) or not any(k.startswith(NETWORK_PREFIX) for k in state):
         keys = sorted(map(str, checkpoint)) if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
@@ -159,8 +232,12 @@ def read_source(path: str | Path, *, num_heads: int | None = None) -> SourceWeig
     ``num_heads`` is needed only for a released file whose architecture is no preset.
     """
     path = Path(path)
+    if is_sharded_checkpoint(path):
+        if num_heads is not None:
+            raise ValueError(f"num_heads applies to released files; {path.name} stores its arch")
+        return read_lightning(path)
     if not path.is_file():
-        raise ValueError(f"{path} does not exist or is not a file")
+        raise ValueError(f"{path} does not exist or is not a file (nor a sharded checkpoint folder)")
     if path.suffix.lower() == LIGHTNING_SUFFIX:
         if num_heads is not None:
             raise ValueError(f"num_heads applies to released files; {path.name} stores its arch")
@@ -212,8 +289,8 @@ def convert_checkpoint(
     """Convert a SiT checkpoint between the Lightning and the released layouts.
 
     Args:
-        input: a Lightning checkpoint (``.ckpt``) or a released file (``.pt``/``.pth``: bare state dict or
-            released train.py checkpoint; ``.safetensors``).
+        input: a Lightning checkpoint (``.ckpt``, or a sharded FSDP2 checkpoint folder) or a released file
+            (``.pt``/``.pth``: bare state dict or released train.py checkpoint; ``.safetensors``).
         output: the file to write (atomically): ``.pt``/``.pth`` for released-train and released-sample,
             ``.safetensors`` for safetensors, ``.ckpt`` for lightning-init.
         to: ``released-train``: ``{"model", "ema", "args"}`` as released train.py saves it (learn_sigma=True);

@@ -15,9 +15,19 @@ short run's EMA follow the weights early on (n = 1: 0.18, n = 100: 0.92, n = 100
 
 Distributed: under DDP every rank holds the full EMA (identical on all ranks). Under FSDP2
 (``fully_shard``; parameters are DTensors) each rank holds the EMA of its own local shards only, so
-the EMA costs no more memory per rank than the sharded weights. Checkpoints always hold the **full**
-EMA tensors keyed by parameter name (gathered on save, re-sliced to the local shard on load), so a
-checkpoint moves freely between single-device, DDP and FSDP2 runs of any world size.
+the EMA costs no more memory per rank than the sharded weights.
+
+Checkpoints: a single file (single device, DDP, FSDP2 with ``save_distributed_checkpoint=False``)
+holds the **full** EMA tensors keyed by parameter name in the callback's state (gathered on save,
+re-sliced to the local shard on load), so it moves freely between single-device, DDP and FSDP2 runs
+of any world size. A sharded FSDP2 checkpoint (a DCP folder) holds the EMA **sharded**, beside the
+weights: DTensors under ``checkpoint["state_dict"]["_ema." + name]`` (:data:`SHARDED_EMA_PREFIX`),
+which Lightning hands to ``torch.distributed.checkpoint`` with the weights; the callback's state then
+says ``"ema": None, "ema_prefix": "_ema."``. No rank gathers the full EMA to save it, and a resume at
+any world size reads only the slices of its own shards (DCP reshards). ``sit-lightning convert``
+reads such a folder, and :func:`sit_lightning.convert_cli.consolidate_checkpoint` turns it into one
+file in the single-file layout (what ``sample`` and ``convert`` read). See docs/training.md,
+"Sharded EMA".
 
 Use the EMA weights with ``with ema.swap(module): ...`` or ``with module.ema_weights(): ...`` (which
 looks the callback up among ``module.trainer.callbacks``; ``EMACallback.find(trainer)`` returns it);
@@ -28,7 +38,8 @@ into the module.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -36,13 +47,20 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-__all__ = ["EMACallback", "PAPER_EMA_DECAY"]
+__all__ = ["EMACallback", "PAPER_EMA_DECAY", "SHARDED_EMA_PREFIX", "SHARDED_EMA_FIELD"]
 
 #: EMA decay of the paper and the released code.
 PAPER_EMA_DECAY = 0.9999
 #: Warm-up schedule constants: decay_t = min(decay, (WARMUP_A + n) / (WARMUP_B + n)).
 WARMUP_A = 1.0
 WARMUP_B = 10.0
+#: Key prefix of the EMA tensors in the ``state_dict`` of a sharded (DCP folder) checkpoint; mirrored by
+#: ``convert_cli`` (which may not import callbacks), a test holds them equal.
+SHARDED_EMA_PREFIX = "_ema."
+#: Field of the callback's state naming that prefix (present only in a sharded checkpoint's state).
+SHARDED_EMA_FIELD = "ema_prefix"
+#: Where ``torch.distributed.checkpoint`` files Lightning's ``checkpoint["state_dict"]`` (keys flattened with ".").
+_DCP_STATE_DICT = "state_dict"
 
 
 def _dtensor_type() -> type | None:
@@ -101,6 +119,7 @@ class EMACallback(Callback):
         self._last_step: int | None = None
         self._validation_swap: contextlib.ExitStack | None = None
         self._module_ref: pl.LightningModule | None = None  # set in setup(); state_dict() needs the params
+        self._restoring: tuple[Path | None, pl.LightningModule] | None = None  # set by on_load_checkpoint
 
     # ---- state -------------------------------------------------------------------------------
     @staticmethod
@@ -244,36 +263,162 @@ class EMACallback(Callback):
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Full (gathered) EMA tensors on CPU keyed by parameter name, plus the update count.
+        """The EMA keyed by parameter name, plus the update count.
 
-        Under FSDP2 this gathers every shard and must be called on all ranks (Lightning does).
+        Single device / DDP: full tensors, copied to the CPU. FSDP2: a mapping over the live shards whose
+        values are the full tensors, gathered when read (a collective: read it on every rank, in the same
+        order; ``dict(state["ema"])`` snapshots it). Lightning's checkpointing never reads it:
+        :meth:`on_save_checkpoint` either puts the shards into a sharded checkpoint's ``state_dict`` or,
+        for a single file, gathers it there (on every rank, as Lightning calls it).
         """
+        ema: Mapping[str, Tensor] | None
         if self._ema is None:
             ema = self._pending
         else:
             assert self._names is not None and self._module_ref is not None
-            ema = {
-                name: _full_tensor(e, p).cpu()
-                for name, e, (_, p) in zip(
-                    self._names, self._ema, self._named_params(self._module_ref), strict=True
-                )
-            }
+            params = dict(self._named_params(self._module_ref))
+            dtensor = _dtensor_type()
+            if dtensor is not None and any(isinstance(p, dtensor) for p in params.values()):
+                ema = _ShardedEMA(dict(zip(self._names, self._ema, strict=True)), params)
+            else:
+                ema = {name: e.detach().clone().cpu() for name, e in zip(self._names, self._ema, strict=True)}
         return {"decay": self.decay, "num_updates": self.num_updates, "ema": ema}
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        state = (checkpoint.get("callbacks") or {}).get(self.state_key)
+        if not isinstance(state, dict) or not isinstance(state.get("ema"), _ShardedEMA):
+            return
+        sharded: _ShardedEMA = state["ema"]
+        if _saves_sharded(trainer):
+            # DCP writes each rank's shards (``checkpoint["state_dict"]`` is its part); meta.pt gets no tensor
+            checkpoint["state_dict"].update(
+                {SHARDED_EMA_PREFIX + name: t for name, t in sharded.dtensors().items()}
+            )
+            state["ema"] = None
+            state[SHARDED_EMA_FIELD] = SHARDED_EMA_PREFIX
+        else:
+            state["ema"] = dict(sharded)  # one file: gathered on every rank, rank 0's is written
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Lightning calls this just before load_state_dict, which needs the folder of a sharded state
+        self._restoring = (Path(trainer.ckpt_path) if trainer.ckpt_path else None, pl_module)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.num_updates = int(state_dict.get("num_updates", 0))
-        self._pending = state_dict.get("ema")
-        self._ema = None
+        prefix = state_dict.get(SHARDED_EMA_FIELD)
+        restoring, self._restoring = self._restoring, None
+        if prefix is None:
+            self._pending = state_dict.get("ema")
+            self._ema = None
+            return
+        folder, pl_module = restoring if restoring is not None else (None, None)
+        if folder is None or pl_module is None or not folder.is_dir():
+            raise ValueError(
+                f"this EMA state is sharded (its tensors are the checkpoint's '{prefix}*' state_dict entries "
+                f"of a DCP folder), but it is restored from {folder}; resume from the checkpoint folder "
+                "with an FSDP2 strategy, or write one file with sit_lightning.convert_cli.consolidate_checkpoint"
+            )
+        self._read_sharded(folder, prefix, pl_module)
+
+    def _read_sharded(self, folder: Path, prefix: str, pl_module: pl.LightningModule) -> None:
+        """Read the EMA from the DCP folder into tensors laid out as the parameters (collective).
+
+        Each rank asks DCP for its own shards only, so a folder written at another world size is
+        resharded on the way in and no rank holds the full EMA.
+        """
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint import load as dcp_load
+
+        named = self._named_params(pl_module)
+        stored_meta = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+        head = f"{_DCP_STATE_DICT}.{prefix}"
+        stored = {key.removeprefix(head): meta for key, meta in stored_meta.items() if key.startswith(head)}
+        names = [name for name, _ in named]
+        missing = sorted(set(names) - set(stored))
+        unexpected = sorted(set(stored) - set(names))
+        if missing or unexpected:
+            raise ValueError(
+                f"EMA state in {folder} does not match the model: missing {missing[:5]}, unexpected "
+                f"{unexpected[:5]} ({len(missing)} missing, {len(unexpected)} unexpected)"
+            )
+        wrong = [n for n, p in named if tuple(getattr(stored[n], "size", ())) != tuple(p.shape)]
+        if wrong:
+            raise ValueError(f"EMA tensors in {folder} do not fit the parameters' shapes: {wrong[:5]}")
+        targets = {prefix + name: _empty_like_param(p) for name, p in named}
+        dcp_load({_DCP_STATE_DICT: targets}, checkpoint_id=str(folder))
+        self._names = names
+        self._ema = [_local(targets[prefix + name]) for name in names]
+        self._pending = None
+
+
+def _saves_sharded(trainer: pl.Trainer) -> bool:
+    """Whether the trainer writes DCP folders (FSDP2 with ``save_distributed_checkpoint=True``)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    strategy = trainer.strategy
+    return isinstance(strategy, ModelParallelStrategy) and bool(strategy._save_distributed_checkpoint)
+
+
+class _ShardedEMA(Mapping[str, Tensor]):
+    """Parameter name -> full EMA tensor on the CPU, gathered from the live shards when read (collective).
+
+    A view: it reads the EMA as it is when read. It cannot be pickled (``torch.save`` on one rank would
+    have to gather alone); ``dict(...)`` it on every rank first.
+    """
+
+    def __init__(self, shards: dict[str, Tensor], params: dict[str, Tensor]) -> None:
+        self._shards = shards
+        self._params = params
+
+    def __getitem__(self, name: str) -> Tensor:
+        # copy=True: on a 1-rank mesh full_tensor() is the live shard itself, which later updates would change
+        return _full_tensor(self._shards[name], self._params[name]).to("cpu", copy=True)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._shards)
+
+    def __len__(self) -> int:
+        return len(self._shards)
+
+    def dtensors(self) -> dict[str, Tensor]:
+        """Name -> the EMA shard wrapped as a DTensor laid out like its parameter (no copy, no communication)."""
+        return {name: _as_dtensor(e, self._params[name]) for name, e in self._shards.items()}
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            "a sharded EMA state gathers its tensors when read; snapshot it with dict(state['ema']) on every "
+            "rank before saving it"
+        )
+
+
+def _as_dtensor(local: Tensor, param: Tensor) -> Tensor:
+    """The EMA shard ``local`` as a DTensor with ``param``'s mesh, placements, shape and stride."""
+    dtensor = _dtensor_type()
+    assert dtensor is not None and isinstance(param, dtensor)
+    return dtensor.from_local(
+        local, param.device_mesh, param.placements, shape=param.shape, stride=param.stride()
+    )
+
+
+def _empty_like_param(param: Tensor) -> Tensor:
+    """An uninitialised float32 tensor laid out like ``param`` (a DTensor of local shards, or a plain tensor)."""
+    dtensor = _dtensor_type()
+    local = _local(param)
+    empty = torch.empty(local.shape, dtype=torch.float32, device=local.device)
+    if dtensor is not None and isinstance(param, dtensor):
+        return _as_dtensor(empty, param)
+    return empty
 
 
 def _full_tensor(local: Tensor, param: Tensor) -> Tensor:
     """Gather the full tensor of an EMA shard laid out like the DTensor ``param`` (collective)."""
     dtensor = _dtensor_type()
     if dtensor is not None and isinstance(param, dtensor):
-        shard = dtensor.from_local(
-            local, param.device_mesh, param.placements, shape=param.shape, stride=param.stride()
-        )
-        return shard.full_tensor()
+        return _as_dtensor(local, param).full_tensor()
     return local.detach().clone()
 
 
