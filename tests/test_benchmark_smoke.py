@@ -136,3 +136,77 @@ def test_keyed_draws_benchmark_runs_and_its_reference_is_the_old_per_sample_law(
     assert t.shape == (2000,) and x_0.shape == (2000, 1, 4, 4) and drop.shape == (2000,)
     assert abs(t.mean().item() - 0.5) < 5 / math.sqrt(12 * 2000)
     assert abs(x_0.std().item() - 1) < 0.05
+
+
+def test_quality_vs_nfe_smoke_rows_and_scores_equal_fid_callback(tmp_path: Path) -> None:
+    """benchmarks/quality_vs_nfe.py --smoke on a 2-step checkpoint: one row per family x NFE x cfg with the
+    budgeted NFE, the markdown table, and the Euler rows score exactly what FIDCallback logged for the
+    same EMA weights, noise and settings (the benchmark scores as the demo does)."""
+    import lightning.pytorch as pl
+
+    from sit_lightning.callbacks import EMACallback, FIDCallback
+    from sit_lightning.data import DigitsDataModule
+    from sit_lightning.module import SiTModule
+    from sit_lightning.sampling import SamplerSettings
+
+    spec = importlib.util.spec_from_file_location("quality_vs_nfe", BENCHMARK.parent / "quality_vs_nfe.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(bench)
+
+    torch.manual_seed(0)
+    arch = SiTConfig(**TINY, input_size=8, in_channels=1, num_classes=10, patch_size=4, learn_sigma=False)
+    module = SiTModule(arch=arch)
+    with torch.no_grad():  # adaLN-zero output layers: untrained, every sampler would return its noise
+        for p in module.network.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.1)
+    cache = tmp_path / "cache"
+    callback = FIDCallback(
+        num_samples=bench.SMOKE_NUM_SAMPLES,
+        settings=SamplerSettings(sampler="ode", method="euler", steps=bench.SMOKE_NFE[0]),
+        cfg_scales=list(bench.CFG_SCALES),
+        cache_dir=str(cache),
+        floor=False,
+        report=False,
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[EMACallback(decay=0.5), callback],
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, DigitsDataModule(global_batch_size=16))
+    checkpoint = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(checkpoint)
+
+    out = tmp_path / "out"
+    argv = ["--checkpoint", str(checkpoint), "--out", str(out), "--smoke", "--cache_dir", str(cache)]
+    report = bench.main([*argv, "--device", "cpu"])
+
+    rows = report["rows"]
+    expected = [(f, n, s) for s in bench.CFG_SCALES for f in bench.SMOKE_FAMILIES for n in bench.SMOKE_NFE]
+    assert [(r["family"], r["nfe_budget"], r["cfg_scale"]) for r in rows] == expected
+    for row in rows:
+        assert row["nfe"] == row["nfe_budget"] and row["nfe_per_batch"] == [row["nfe_budget"]]
+        assert 0.0 <= row["conditional_accuracy"] <= 1.0 and math.isfinite(row["fid"])
+    logged = {r.cfg_scale: r for _, r in callback.history}
+    same_as_callback = [
+        r for r in rows if r["family"] == "ode-euler" and r["nfe_budget"] == bench.SMOKE_NFE[0]
+    ]
+    assert [r["cfg_scale"] for r in same_as_callback] == list(bench.CFG_SCALES)
+    for row in same_as_callback:
+        assert row["fid"] == pytest.approx(logged[row["cfg_scale"]].fid, rel=1e-9)
+        assert row["conditional_accuracy"] == logged[row["cfg_scale"]].conditional_accuracy
+    assert logged[1.0].fid != logged[1.5].fid  # guidance reached the samples
+
+    assert json.loads((out / "quality_vs_nfe.json").read_text())["rows"] == rows
+    table = (out / "quality_vs_nfe.md").read_text()
+    assert "### cfg 1.5" in table and "| sampler | NFE 4 | NFE 8 |" in table
+    assert table.count("| ODE Euler | ") == 2 and table.count("| SDE Euler-Maruyama, w_KL | ") == 2
