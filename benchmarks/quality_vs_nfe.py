@@ -55,12 +55,12 @@ import torch
 from torch import Tensor
 
 from sit_lightning.callbacks.fid import conditional_accuracy
-from sit_lightning.convert_cli import read_lightning
 from sit_lightning.data.digits import DigitsDataModule
 from sit_lightning.evaluation.digits_classifier import DigitsFeatures, load_or_train_digits_classifier
 from sit_lightning.evaluation.fid import FIDScorer, frechet_distance, through_uint8
 from sit_lightning.evaluation.sample_plan import generate, sample_labels
 from sit_lightning.module import SiTModule
+from sit_lightning.sample_cli import load_lightning_module
 from sit_lightning.sampling import SamplerSettings
 from sit_lightning.trusted_loading import load_checkpoint
 
@@ -207,18 +207,10 @@ def plan(
 def load_module(checkpoint: Path, weights: str) -> SiTModule:
     """The checkpoint's module holding its EMA (``weights='ema'``) or trained weights in the network.
 
-    The EMA lives in the ``EMACallback`` state, not in the module's ``state_dict``; it is read as
-    ``sit-lightning convert`` / ``sample`` read it and loaded into the network, so sampling needs no
-    trainer and no swap (``use_ema=False`` below).
+    Read as ``sit-lightning sample`` reads it (:func:`~sit_lightning.sample_cli.load_lightning_module`),
+    so sampling needs no trainer and no swap (``use_ema=False`` below).
     """
-    module = SiTModule.load_from_checkpoint(checkpoint, map_location="cpu")
-    source = read_lightning(checkpoint)
-    if weights == "ema" and source.ema is None:
-        raise ValueError(
-            f"{checkpoint} has no EMACallback state; pass --weights model for the trained weights"
-        )
-    module.network.load_state_dict(source.ema if weights == "ema" else source.model, strict=True)
-    return module.eval()
+    return load_lightning_module(checkpoint, weights, option="--weights").eval()
 
 
 def digits_data(checkpoint: Path) -> tuple[DigitsDataModule, dict[str, Any]]:

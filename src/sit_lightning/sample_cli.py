@@ -48,7 +48,7 @@ except ImportError:  # pragma: no cover
     SamplerPresetName = SamplerSettings  # type: ignore[misc,assignment]
     sampler_preset = None  # type: ignore[assignment]
 
-__all__ = ["SAMPLE_SUBCOMMAND", "SampleRun", "sample_images", "sample_main"]
+__all__ = ["SAMPLE_SUBCOMMAND", "SampleRun", "load_lightning_module", "sample_images", "sample_main"]
 
 #: Subcommand name (dispatched by ``sit-lightning``'s ``main`` before LightningCLI).
 SAMPLE_SUBCOMMAND = "sample"
@@ -79,6 +79,29 @@ class SampleRun:
     seconds: float
 
 
+def load_lightning_module(checkpoint: Path, which: Which = "ema", option: str = "--which") -> SiTModule:
+    """A Lightning checkpoint's :class:`SiTModule`, its network holding the EMA (default) or trained weights.
+
+    The module (objective, arch, loss profile) comes through Lightning's loader; the weights as
+    ``convert`` reads them, since the EMA lives in the EMACallback's state, not in the module's
+    ``state_dict``. The module samples with ``use_ema=False``: no trainer, no swap.
+
+    Args:
+        option: the flag that picks ``which`` in the caller's command line, for the error message.
+
+    Raises:
+        ConfigurationError: the EMA is asked for and the checkpoint has no EMACallback state.
+    """
+    module = SiTModule.load_from_checkpoint(checkpoint, map_location="cpu")
+    source = read_lightning(checkpoint)
+    if which == "ema" and source.ema is None:
+        raise ConfigurationError(
+            f"{checkpoint} has no EMACallback state; pass {option} model to use the trained weights"
+        )
+    module.network.load_state_dict(source.ema if which == "ema" else source.model, strict=True)
+    return module
+
+
 @dataclass(frozen=True)
 class _Loaded:
     module: SiTModule
@@ -98,16 +121,7 @@ def _load(
                 f"{checkpoint.name} stores its objective and architecture; --objective and --num_heads "
                 "apply to released files"
             )
-        # The module (objective, arch, loss profile) through Lightning's loader; the weights as `convert`
-        # reads them (the EMA lives in the EMACallback's state, not in the module's state_dict).
-        module = SiTModule.load_from_checkpoint(checkpoint, map_location="cpu")
-        source = read_lightning(checkpoint)
-        if which == "ema" and source.ema is None:
-            raise ConfigurationError(
-                f"{checkpoint} has no EMACallback state; pass --which model to sample the trained weights"
-            )
-        module.network.load_state_dict(source.ema if which == "ema" else source.model, strict=True)
-        return _Loaded(module, "lightning", which)
+        return _Loaded(load_lightning_module(checkpoint, which), "lightning", which)
     source = read_source(checkpoint, num_heads=num_heads)
     if which == "ema" and source.ema is None:  # a bare state dict holds one set (the published files: EMA)
         weights, state = "the file's only set", source.model
