@@ -70,9 +70,7 @@ _DESCRIPTION = (
 _PRECOMPUTE_HELP = (
     "Encode an ImageFolder tree into VAE latent shards (resumable; see --help of the subcommand)."
 )
-_SAMPLE_HELP = (
-    "Sample a checkpoint into an ADM-evaluator .npz on every device (resumable; see --help of the subcommand)."
-)
+_SAMPLE_HELP = "Sample a checkpoint into an ADM-evaluator .npz on every device (resumable; see --help of the subcommand)."
 _CONVERT_HELP = (
     "Convert checkpoints: Lightning .ckpt -> released train.py / sample.py layouts or .safetensors, "
     "released files -> a checkpoint fit can start from (see --help of the subcommand)."
