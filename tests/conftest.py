@@ -64,3 +64,14 @@ def golden_model_config() -> dict:
 
     text = json.loads(require_golden(GOLDEN_JSON).read_text())["tensors"]["model.*"]
     return json.loads(text[text.index("{") : text.index("}") + 1])
+
+
+@pytest.fixture(scope="module")
+def deterministic():
+    """Deterministic torch algorithms for one test module (the resume and skip equality runs), then as before."""
+    import torch
+
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before)

@@ -189,3 +189,25 @@ def run_training(kind: str, steps: int, split: bool, workdir: str, devices: int 
     trainer.validate(module, RandomLatentsDataModule(), verbose=False)
     state["profile"] = {"values": module.loss_profile.values.clone()}
     return state if trainer.global_rank == 0 else None
+
+
+def assert_same_state(
+    expected: dict[str, dict[str, torch.Tensor]], actual: dict[str, dict[str, torch.Tensor]], sections: Any
+) -> None:
+    """Every tensor of each of ``sections`` of two :func:`final_state` results is bitwise equal."""
+    for section in sections:
+        assert expected[section].keys() == actual[section].keys(), section
+        differ = [k for k in expected[section] if not torch.equal(expected[section][k], actual[section][k])]
+        assert not differ, f"{section} differs after resume: {differ[:5]}"
+
+
+def assert_training_moved(state: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """An equality of :func:`final_state` results is not vacuous: training moved the weights of a fresh
+    ``SiTModule(**TINY_MODEL)`` and the EMA lags behind them. Returns the initial parameters."""
+    from sit_lightning.module import SiTModule
+
+    initial = dict(SiTModule(**TINY_MODEL).named_parameters())
+    moved = sum((state["weights"][k] - initial[k].detach()).norm() for k in initial)
+    lag = sum((state["weights"][k] - state["ema"][k]).norm() for k in initial)
+    assert moved > 0.1 and lag > 0.01
+    return initial

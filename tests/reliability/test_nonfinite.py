@@ -183,14 +183,6 @@ MODES = {"fused AdamW (device)": True, "PaperAdamW on CPU (host)": False}
 
 
 @pytest.fixture(scope="module")
-def deterministic():
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(before)
-
-
-@pytest.fixture(scope="module")
 def runs(deterministic, tmp_path_factory) -> dict[str, dict[str, Any]]:
     """Per skip mechanism, one single-process run with the NaN batch at step POISONED, one without."""
     out = {}

@@ -136,7 +136,15 @@ if str(REPO / "tests" / "lightning") not in sys.path:  # lightning_toy; appended
 def _env(**extra: str) -> dict[str, str]:
     # An earlier in-process test (one-process FSDP2, gloo) leaves MASTER_PORT set and its store listening
     # there: a child that inherited it would try to bind the same port (EADDRINUSE).
-    launch = {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE"}
+    launch = {
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "WORLD_SIZE",
+        "RANK",
+        "LOCAL_RANK",
+        "NODE_RANK",
+        "LOCAL_WORLD_SIZE",
+    }
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in launch}
     return {**env, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0", **extra}
 
@@ -215,21 +223,13 @@ def test_sigusr1_under_slurm_requeues_the_job_once(runs) -> None:
 
 @pytest.mark.parametrize("name", ["SIGTERM", "SIGUSR1"])
 def test_resume_from_last_is_bit_identical_to_an_uninterrupted_run(runs, name) -> None:
-    from lightning_toy import TINY_MODEL
-
-    from sit_lightning.module import SiTModule
+    from lightning_toy import assert_same_state, assert_training_moved
 
     straight = torch.load(runs["root"] / "straight.pt", weights_only=True)
     resumed = torch.load(runs["root"] / name / "resumed.pt", weights_only=True)
-    for section in ("weights", "optimizer", "ema"):
-        assert straight[section].keys() == resumed[section].keys()
-        differ = [k for k in straight[section] if not torch.equal(straight[section][k], resumed[section][k])]
-        assert not differ, f"{section} differs after resume: {differ[:5]}"
+    assert_same_state(straight, resumed, ("weights", "optimizer", "ema"))
     # not vacuous: training moved the weights (the zero-initialised output layer included), the EMA lags
-    initial = dict(SiTModule(**TINY_MODEL).named_parameters())
-    moved = sum((straight["weights"][k] - initial[k].detach()).norm() for k in initial)
-    lag = sum((straight["weights"][k] - straight["ema"][k]).norm() for k in initial)
-    assert moved > 0.1 and lag > 0.01
+    initial = assert_training_moved(straight)
     final_layer = [k for k in initial if k.startswith("network.final_layer.linear")]
     assert final_layer and all(straight["weights"][k].abs().sum() > 0 for k in final_layer)
 
