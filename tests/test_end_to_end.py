@@ -6,8 +6,6 @@ VAE posterior sample are drawn afresh every time an image comes back, inside a r
 
 from __future__ import annotations
 
-import contextlib
-import io
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +14,7 @@ import torch
 from PIL import Image
 
 from batch_recorder import BatchRecorder
-from sit_lightning.cli import main
+from cli_runner import run_cli
 from sit_lightning.data import GlobalBatchSampler
 from sit_lightning.data.shards import LatentShards
 from tiny_vae import save_tiny_vae
@@ -24,18 +22,6 @@ from tiny_vae import save_tiny_vae
 CLASSES = ("cat", "dog")
 PER_CLASS = 4
 STEPS = 8  # 8 images, global batch 4: every image is drawn 4 times
-
-
-def _cli(args: list[str]) -> tuple[int, str]:
-    out = io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-        try:
-            result = main(args)
-            code = result if isinstance(result, int) else 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-    return code, out.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +37,7 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
             )
     vae_dir = save_tiny_vae(tmp_path_factory.mktemp("vae"), sample_size=16)
     out = tmp_path_factory.mktemp("latents")
-    code, text = _cli(
+    code, text = run_cli(
         ["precompute-latents", str(root), str(out), "--vae", str(vae_dir), "--image_size", "16",
          "--batch_size", "3", "--shard_size", "5", "--devices", "cpu", "--num_workers", "0", "--progress", "false"]
     )  # fmt: skip
@@ -61,7 +47,7 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _fit(data_dir: Path, root: Path, *, flip: bool, posterior: bool) -> list[tuple[int, dict]]:
     BatchRecorder.batches.clear()
-    code, text = _cli(
+    code, text = run_cli(
         ["fit", "--model.arch", "{input_size: 8, num_classes: 2, depth: 1, hidden_size: 32, num_heads: 2}",
          "--data.class_path", "sit_lightning.data.LatentDataModule", "--data.init_args.data_dir", str(data_dir),
          "--data.init_args.global_batch_size", "4", "--data.init_args.num_workers", "0",

@@ -7,9 +7,7 @@ tests' tiny diffusers VAE, and a TorchScript feature extractor (no Inception wei
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import math
 import os
@@ -27,6 +25,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from cli_runner import run_cli
 from sit_lightning.cli import main
 from sit_lightning.data.shards import LatentShards
 from sit_lightning.evaluation.fid import feature_statistics, frechet_distance, from_uint8
@@ -58,18 +57,6 @@ def readme_commands() -> list[list[str]]:
             assert words[0] == "sit-lightning", line
             commands.append(words[1:])
     return commands
-
-
-def _cli(args: list[str]) -> tuple[int, str]:
-    out = io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-        try:
-            result = main(args)
-            code = result if isinstance(result, int) else 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-    return code, out.getvalue()
 
 
 class TinyFeatures(nn.Module):
@@ -127,7 +114,7 @@ def test_the_readme_commands_run_the_whole_loop(tmp_path: Path, one_thread: None
     outputs = []
     for words in commands:
         args = [string.Template(w).substitute({k: str(v) for k, v in values.items()}) for w in words]
-        code, text = _cli(args)
+        code, text = run_cli(args)
         assert code == 0, f"sit-lightning {' '.join(args)}\n{text[-3000:]}"
         outputs.append(text)
 
