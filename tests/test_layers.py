@@ -14,17 +14,18 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "sit_lightning"
 #: layer -> the layers it may import (docs/architecture.md). The lower half imports no Lightning.
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),  # the error classes: every layer may raise them
+    "atomic": set(),  # write <name>.tmp, fsync, rename: every layer that writes files may use it
     "randomness": {"errors"},
     "interpolants": {"errors"},
-    "models": {"errors"},
+    "models": {"errors", "atomic"},
     "objective": {"interpolants", "errors"},
     "repa": {"errors"},  # REPA's projector, loss and frozen-encoder plumbing (no Lightning)
     "sampling": {"interpolants", "errors"},
-    "evaluation": {"randomness", "errors"},
+    "evaluation": {"randomness", "errors", "atomic"},
     "data": {"randomness", "evaluation", "errors"},  # evaluation: the one SD_VAE_SCALE
-    "posthoc_ema": set(),  # post-hoc EMA math, snapshot files and the posthoc-ema command (no Lightning)
+    "posthoc_ema": {"atomic"},  # post-hoc EMA math, snapshot files and the posthoc-ema command (no Lightning)
     "callbacks": {"data", "evaluation", "sampling", "randomness", "errors", "posthoc_ema"},
-    "checkpoint_io": set(),  # Lightning half: atomic checkpoint writes, a `last` that loads
+    "checkpoint_io": {"atomic"},  # Lightning half: atomic checkpoint writes, a `last` that loads
     "trusted_loading": {"models", "objective", "interpolants"},  # Lightning half, but no Lightning
     "module": {
         "data",

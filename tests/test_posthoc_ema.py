@@ -159,7 +159,7 @@ def test_snapshots_are_written_atomically(tmp_path: Path, monkeypatch: pytest.Mo
         renames.append((Path(src), Path(dst)))
         real_replace(src, dst)
 
-    monkeypatch.setattr("sit_lightning.posthoc_ema.os.replace", recording_replace)
+    monkeypatch.setattr("sit_lightning.atomic.os.replace", recording_replace)  # the one atomic writer
     save_snapshot({"w": 2 * torch.ones(3)}, tmp_path, 10, 0.05)
     assert renames == [(tmp_path / (path.name + ".tmp"), path)]  # staged beside it, then renamed onto it
 

@@ -16,7 +16,6 @@ checkpoint of the folder that loads, and names every newer one it skips. See doc
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 import zipfile
@@ -34,6 +33,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
+from .atomic import STAGING_SUFFIX, fsync_directory, staging_path, write_atomically
+
 __all__ = [
     "STAGING_SUFFIX",
     "AtomicCheckpointIO",
@@ -45,8 +46,6 @@ __all__ = [
     "swap_in",
 ]
 
-#: Suffix of a checkpoint being written, next to its final name (``last.ckpt.tmp``, ``last.ckpt.tmp/``).
-STAGING_SUFFIX = ".tmp"
 #: Suffix of the previous sharded checkpoint while a new one is swapped in (removed right after).
 _REPLACED_SUFFIX = ".old"
 #: Files of a sharded checkpoint: the DCP index (written last by torch) and Lightning's non-tensor state.
@@ -54,8 +53,6 @@ _DCP_INDEX = ".metadata"
 _LIGHTNING_META = "meta.pt"
 #: The pickle record of a ``torch.save`` archive (``<archive name>/data.pkl``).
 _PICKLE_RECORD = "data.pkl"
-#: errno values of filesystems that cannot fsync a directory (the rename is then as durable as they allow).
-_NO_DIRECTORY_FSYNC = (errno.EINVAL, errno.ENOTSUP, errno.EBADF)
 
 
 def _is_local(path: _PATH) -> bool:
@@ -70,32 +67,12 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_directory(path: Path) -> None:
-    """Make the renames inside ``path`` durable (a no-op where directories cannot be opened, e.g. Windows)."""
-    if not hasattr(os, "O_DIRECTORY"):
-        return
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    except OSError as error:
-        if error.errno not in _NO_DIRECTORY_FSYNC:
-            raise
-    finally:
-        os.close(fd)
-
-
 def _remove(path: Path) -> None:
     """Delete a file, a symlink or a folder tree; nothing if ``path`` does not exist."""
     if path.is_symlink() or path.is_file():
         path.unlink()
     elif path.is_dir():
         shutil.rmtree(path)
-
-
-def staging_path(path: _PATH) -> Path:
-    """Where the checkpoint for ``path`` is written before it is renamed onto ``path``."""
-    path = Path(path)
-    return path.with_name(path.name + STAGING_SUFFIX)
 
 
 def swap_in(staging: Path, final: Path) -> None:
@@ -108,14 +85,14 @@ def swap_in(staging: Path, final: Path) -> None:
     """
     if staging.is_file() and not final.is_dir():
         os.replace(staging, final)
-        _fsync_directory(final.parent)
+        fsync_directory(final.parent)
         return
     replaced = final.with_name(final.name + _REPLACED_SUFFIX)
     if final.exists() or final.is_symlink():
         _remove(replaced)
         os.replace(final, replaced)
     os.replace(staging, final)
-    _fsync_directory(final.parent)
+    fsync_directory(final.parent)
     _remove(replaced)
 
 
@@ -137,13 +114,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path, storage_options)  # raises on storage_options
             return
         final = Path(path)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        staging = staging_path(final)
-        try:
+
+        # renamed by swap_in, which also replaces a sharded checkpoint folder of the same name
+        def write(staging: Path) -> None:
             with open(staging, "wb") as f:
                 torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
+
+        staging = write_atomically(final, write, rename=False, parents=True)
+        try:
             swap_in(staging, final)
         except BaseException:  # also KeyboardInterrupt: the temporary must not outlive a failed write
             staging.unlink(missing_ok=True)
@@ -189,7 +167,7 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
         self.barrier("AtomicModelParallelStrategy.save_checkpoint:written")
         if self.global_rank == 0:
             _fsync_file(staging / _LIGHTNING_META)
-            _fsync_directory(staging)
+            fsync_directory(staging)
             swap_in(staging, final)
         self.barrier("AtomicModelParallelStrategy.save_checkpoint:swapped")
 
@@ -290,8 +268,8 @@ class AtomicModelCheckpoint(ModelCheckpoint):
     ``TorchCheckpointIO`` (a CheckpointIO of another class, from ``plugins`` or the strategy, is kept).
     ``fit(ckpt_path="last")`` then resumes from the newest checkpoint of this callback's folder that
     loads (:func:`find_resumable`), not only from ``last*.ckpt``; without a ``dirpath``, the folders of
-    the logger's earlier versions count too, since a new run logs to a new, empty version folder. Arguments are ``ModelCheckpoint``'s.
-    FSDP2 folders are atomic only under :class:`AtomicModelParallelStrategy`, which a warning suggests.
+    the logger's earlier versions count too, since a new run logs to a new, empty version folder.
+    Arguments are ``ModelCheckpoint``'s. FSDP2 folders are atomic only under :class:`AtomicModelParallelStrategy`, which a warning suggests.
     """
 
     @override

@@ -37,16 +37,17 @@ are in the file's metadata, which is what the synthesis reads (the name is for p
 from __future__ import annotations
 
 import math
-import os
 import re
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from .atomic import write_atomically
 
 __all__ = [
     "DEFAULT_SIGMA_RELS",
@@ -82,7 +83,6 @@ TORCH_SUFFIXES = (".pt", ".pth")
 STEP_KEY = "posthoc_ema_step"
 SIGMA_REL_KEY = "posthoc_ema_sigma_rel"
 GAMMA_KEY = "posthoc_ema_gamma"
-_STAGING_SUFFIX = ".tmp"
 #: Coefficients summing to less than this cannot be rescaled to 1: the target is far outside the snapshots' span.
 _MIN_COEFFICIENT_SUM = 1e-3
 #: The leading coefficients of the cubic in gamma (Eq. 126): gamma^3 + 7 gamma^2 + ...
@@ -220,32 +220,6 @@ def snapshot_name(step: int, sigma_rel: float) -> str:
     return f"{SNAPSHOT_PREFIX}-{step:09d}-{sigma_rel:.6g}{SNAPSHOT_SUFFIX}"
 
 
-def _fsync_directory(path: Path) -> None:
-    if not hasattr(os, "O_DIRECTORY"):  # Windows cannot open a folder
-        return
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    except OSError:  # filesystems that cannot fsync a folder: the rename is as durable as they allow
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_atomically(path: Path, write: Callable[[Path], object]) -> Path:
-    """``write(<path>.tmp)`` in the same folder, fsync it, rename it onto ``path``, fsync the folder."""
-    staging = path.with_name(path.name + _STAGING_SUFFIX)
-    try:
-        write(staging)
-        with open(staging, "rb") as written:  # the rename must not reach the disk before the data
-            os.fsync(written.fileno())
-        os.replace(staging, path)
-    finally:
-        staging.unlink(missing_ok=True)
-    _fsync_directory(path.parent)
-    return path
-
-
 def save_snapshot(tensors: Mapping[str, Tensor], directory: str | Path, step: int, sigma_rel: float) -> Path:
     """Write one track's tensors as ``directory/phema-<step>-<sigma_rel>.safetensors``, atomically.
 
@@ -264,7 +238,7 @@ def save_snapshot(tensors: Mapping[str, Tensor], directory: str | Path, step: in
         GAMMA_KEY: repr(sigma_rel_to_gamma(sigma_rel)),
     }
     path = directory / snapshot_name(step, sigma_rel)
-    return _write_atomically(path, lambda staging: save_file(cpu, str(staging), metadata=metadata))
+    return write_atomically(path, lambda staging: save_file(cpu, str(staging), metadata=metadata))
 
 
 def list_snapshots(directory: str | Path) -> list[Snapshot]:
@@ -393,9 +367,9 @@ def synthesize_posthoc_ema(
 
         # no STEP_KEY: the output is not a snapshot, and list_snapshots must not take it for one
         metadata = {"format": "pt", "posthoc_ema": f"sigma_rel {sigma_rel!r} at step {synthesis.step}"}
-        _write_atomically(out, lambda staging: save_file(state, str(staging), metadata=metadata))
+        write_atomically(out, lambda staging: save_file(state, str(staging), metadata=metadata))
     else:
-        _write_atomically(out, lambda staging: torch.save(state, staging))
+        write_atomically(out, lambda staging: torch.save(state, staging))
     rows = tuple(
         (s.step, s.sigma_rel, float(c))
         for s, c in zip(synthesis.snapshots, synthesis.coefficients, strict=True)

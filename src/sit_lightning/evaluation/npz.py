@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..atomic import STAGING_SUFFIX, fsync_directory, write_atomically
 from .fid import NPZ_IMAGES, NPZ_LABELS, to_adm_uint8
 
 __all__ = [
@@ -58,7 +59,6 @@ RELEASED_UINT8 = "torch.clamp(127.5 * x + 128.0, 0, 255).to(torch.uint8) in floa
 #: Channels an ADM sample batch may have: RGB, or grey (1-channel data such as the digits).
 IMAGE_CHANNELS = (1, 3)
 #: Suffix of a file being written next to its final name.
-STAGING_SUFFIX = ".tmp"
 PLAN_FILE = "plan.json"
 _CHUNK_NAME = "chunk-{:06d}.npz"
 _CHUNK_KEYS = ("images", "labels", "indices")
@@ -126,43 +126,14 @@ def _write_zip(
                     )
 
 
-def _fsync_directory(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # a platform without directory handles: the rename is as durable as it allows
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _staging(path: Path) -> Path:
-    return path.with_name(path.name + STAGING_SUFFIX)
-
-
 def _write_atomic(path: Path, write: Callable[[IO[bytes]], None], *, rename: bool = True) -> Path:
-    """Write ``path`` through ``<path>.tmp`` (fsynced), renamed onto ``path`` when ``rename``.
+    """:func:`~sit_lightning.atomic.write_atomically` for a writer of an open binary file."""
 
-    A failed write removes the temporary; nothing is ever half-written under ``path``.
-    Returns the file holding the bytes (``path``, or the temporary when not ``rename``).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = _staging(path)
-    try:
+    def to_file(staging: Path) -> None:
         with open(staging, "wb") as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        if rename:
-            os.replace(staging, path)
-            _fsync_directory(path.parent)
-    except BaseException:  # also KeyboardInterrupt: no temporary outlives a failed write
-        staging.unlink(missing_ok=True)
-        raise
-    return path if rename else staging
+
+    return write_atomically(path, to_file, rename=rename, parents=True)
 
 
 def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
@@ -371,7 +342,7 @@ class ChunkStore:
             }
             _write_json(self.metadata_path, payload)
             os.replace(staging, self.output)
-            _fsync_directory(self.output.parent)
+            fsync_directory(self.output.parent)
         except BaseException:
             staging.unlink(missing_ok=True)
             raise

@@ -21,7 +21,6 @@ atomically. See docs/models.md, "Converting checkpoints".
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..atomic import write_atomically
 from .checkpoint import (
     TORCH_SUFFIXES,
     _strip_wrapper_prefixes,
@@ -58,7 +58,6 @@ FINAL_LINEAR_KEYS = ("final_layer.linear.weight", "final_layer.linear.bias")
 #: Pixels per latent side of the SD VAE: the released ``--image-size`` is ``8 * input_size``.
 SD_VAE_DOWNSAMPLE = 8
 _PATCH_KEY = "x_embedder.proj.weight"
-_TMP_SUFFIX = ".tmp"
 
 
 def _channels_and_patch(state: Mapping[str, Tensor]) -> tuple[int, int]:
@@ -186,23 +185,9 @@ def to_released_training(
     return checkpoint
 
 
-def _atomic(path: str | Path, write: Any) -> Path:
-    """Call ``write(tmp)`` on ``<path>.tmp`` in the same folder, flush it to disk, rename it over ``path``."""
-    path = Path(path)
-    tmp = path.with_name(path.name + _TMP_SUFFIX)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as written:  # the rename must not land before the data
-            os.fsync(written.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def save_torch(obj: Any, path: str | Path) -> Path:
     """``torch.save(obj, path)``, atomically (a reader never sees a half-written file)."""
-    return _atomic(path, lambda tmp: torch.save(obj, tmp))
+    return write_atomically(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_safetensors(state: Mapping[str, Tensor], path: str | Path) -> Path:
@@ -210,7 +195,7 @@ def save_safetensors(state: Mapping[str, Tensor], path: str | Path) -> Path:
     from safetensors.torch import save_file
 
     tensors = {key: value.detach().contiguous().clone() for key, value in state.items()}
-    return _atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    return write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
 
 
 @dataclass(frozen=True)
