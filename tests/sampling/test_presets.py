@@ -66,8 +66,16 @@ def test_each_preset_states_its_source_targets_and_uniform_labels() -> None:
             assert target.cfg_scale == preset.settings.cfg_scale, (name, target)
             assert target.fid > 0 and target.where, (name, target)
         guided = preset.settings.cfg_scale != 1.0
-        assert name.endswith("cfg1.5") or name.startswith("table7") or not guided, name
-        assert preset.settings.guidance_channels == (3 if guided else None), name  # released forward_with_cfg
+        repa = name.startswith("repa-")  # named after REPA's evaluation: its scale is in the name
+        assert (
+            name.endswith("cfg1.5")
+            or name.startswith("table7")
+            or (repa and f"-cfg{preset.settings.cfg_scale:g}-" in name)
+            or not guided
+        ), name
+        # released forward_with_cfg guides three channels; REPA's samplers.py guides all of them
+        assert preset.settings.guidance_channels == (3 if guided and not repa else None), name
+        assert ("interval" in name) == (preset.settings.guidance_interval is not None), name
 
 
 def test_the_released_sde_is_the_released_scripts_default_with_w_equal_2d() -> None:
@@ -108,7 +116,10 @@ class CountingNetwork:
         return velocity + 0.1 * y.reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)  # labels matter
 
 
-@pytest.mark.parametrize("name", SAMPLER_PRESET_NAMES)
+WITHOUT_INTERVAL = [n for n in SAMPLER_PRESET_NAMES if SAMPLER_PRESETS[n].settings.guidance_interval is None]
+
+
+@pytest.mark.parametrize("name", WITHOUT_INTERVAL)
 def test_a_presets_nfe_is_what_a_run_spends(name: str) -> None:
     preset = SAMPLER_PRESETS[name]
     nfe = preset.nfe_per_image()
@@ -127,6 +138,46 @@ def test_a_presets_nfe_is_what_a_run_spends(name: str) -> None:
     if pair == 2:
         assert isinstance(guided, ClassifierFreeGuidance)
         assert guided.calls.main == guided.calls.doubled == nfe
+
+
+def test_the_repa_preset_is_repas_generate_sde_with_its_interval_in_our_time() -> None:
+    """REPA README: generate.py --mode sde --num_steps 250 --cfg-scale 1.8 --guidance_high 0.7.
+
+    Written out from REPA's samplers.py (its time t_R: 0 data, 1 noise): Euler-Maruyama on
+    linspace(1, 0.04, 250), a noise-free last step to 0, diffusion 2 t_R, full-channel CFG where
+    0 <= t_R <= 0.7 at the step's start; in our time t = 1 - t_R.
+    """
+    assert set(SAMPLER_PRESET_NAMES) - set(WITHOUT_INTERVAL) == {"repa-sde-cfg1.8-interval"}
+    preset = SAMPLER_PRESETS["repa-sde-cfg1.8-interval"]
+    settings = preset.settings
+    assert (settings.sampler, settings.method, settings.steps) == ("sde", "euler", 250)
+    assert (settings.last_step, settings.last_step_size) == ("mean", 0.04)
+    assert settings.cfg_scale == 1.8 and settings.guidance_channels is None
+    assert settings.guidance_interval == pytest.approx((1 - 0.7, 1 - 0.0))
+    assert [(t.cfg_scale, t.fid, t.training_steps) for t in preset.targets] == [(1.8, 1.42, "4M")]
+    linear = make_interpolant("linear")
+    t = torch.linspace(0.0, 0.96, 9, dtype=torch.float64)
+    w = make_diffusion(settings.diffusion, settings.diffusion_norm)(t, linear)
+    torch.testing.assert_close(w, 2.0 * (1.0 - t))  # REPA's compute_diffusion(t_R) = 2 t_R, t_R = 1 - t
+
+    network = CountingNetwork()
+    guided = settings.guided(network, null_class=NUM_CLASSES)
+    labels = torch.tensor([0, 2])
+    noise = torch.randn(len(labels), *SHAPE, generator=torch.Generator().manual_seed(0))
+    result = settings.sample(
+        ModelField(guided, "linear", y=labels), noise, generator=torch.Generator().manual_seed(1)
+    )
+    assert torch.isfinite(result.samples).all()
+    # the times REPA evaluates the model at: t_steps[:-1] of linspace(1, 0.04, 250) + [0]
+    repa_times = torch.linspace(1.0, 0.04, 250, dtype=torch.float64)
+    torch.testing.assert_close(result.times[:-1], 1.0 - repa_times)  # the same grid, in our time
+    assert float(result.times[-1]) == 1.0
+    repa_guided = int(((repa_times >= 0.0) & (repa_times <= 0.7)).sum())  # 172 of the 250 calls
+    assert repa_guided == 172
+    assert result.nfe == preset.nfe_per_image() == network.calls == 250
+    assert isinstance(guided, ClassifierFreeGuidance)
+    assert guided.calls.main == 250 and guided.calls.doubled == repa_guided
+    assert network.rows == len(labels) * (250 + repa_guided)  # doubled rows only inside the interval
 
 
 # ---- YAML: a preset by name, a misspelt one stops the parse ------------------------------------------

@@ -26,9 +26,11 @@ Conventions shared by every preset:
   (``RELEASED_FORMS`` in ``diffusion.py``): released ``--diffusion-form sigma --diffusion-norm 1`` is
   ``w_t = 2 sigma_t``, our ``diffusion="sigma", diffusion_norm=2.0``; the paper's ``w_t = sigma_t``
   (Table 6) is ours at norm 1 (released norm 0.5).
-- Guided presets (cfg 1.5) guide the first three latent channels (``guidance_channels=3``), as the
-  released ``SiT.forward_with_cfg`` (``models.py``) does, and count a guided pair as one evaluation
-  on a doubled batch: the NFE is that of the unguided preset, with twice the rows per call.
+- Guided presets count a guided pair as one evaluation on a doubled batch: the NFE is that of the
+  unguided preset, with twice the rows per guided call. The SiT presets (cfg 1.5) guide the first
+  three latent channels (``guidance_channels=3``), as the released ``SiT.forward_with_cfg``
+  (``models.py``) does; the REPA preset guides all four, as REPA's ``samplers.py`` does, and only
+  inside its guidance interval (the rest of its steps are conditional calls on the plain batch).
 - Labels: every preset expects uniform random labels, as the released ``sample_ddp.py`` and ADM's
   evaluation drew them (``labels="uniform"``); class-balanced labels are the caller's opt-in.
 
@@ -67,6 +69,7 @@ SamplerPresetName = Literal[
     "table6-wkl",
     "table6-sigma",
     "table6-sin2",
+    "repa-sde-cfg1.8-interval",
 ]
 SAMPLER_PRESET_NAMES: tuple[str, ...] = get_args(SamplerPresetName)
 #: How the labels of an evaluation are drawn; the values of ``evaluation.sample_plan.LabelMode``
@@ -86,6 +89,13 @@ RELEASED_NUM_SAMPLING_STEPS = 250
 PAPER_HEUN_STEPS = 125
 #: The long last step of the paper's SDE (Alg. 2) and of the released ``--last-step-size`` default.
 PAPER_LAST_STEP_SIZE = DEFAULT_LAST_STEP_SIZE  # 0.04
+#: REPA's evaluation (its README's ``generate.py`` command for FID 1.42): ``--cfg-scale 1.8
+#: --guidance_high 0.7`` (``--guidance_low`` default 0), in REPA's time ``t_REPA`` (0 data, 1 noise).
+REPA_CFG_SCALE = 1.8
+REPA_GUIDANCE_LOW = 0.0
+REPA_GUIDANCE_HIGH = 0.7
+#: The same interval in our time, ``t = 1 - t_REPA``: [1 - 0.7, 1 - 0] = [0.3, 1.0].
+REPA_GUIDANCE_INTERVAL = (1.0 - REPA_GUIDANCE_HIGH, 1.0 - REPA_GUIDANCE_LOW)
 
 
 @dataclass(frozen=True)
@@ -153,6 +163,35 @@ def _released_sde(cfg_scale: float) -> SamplerSettings:
     )
 
 
+def _repa_sde() -> SamplerSettings:
+    """REPA's ``generate.py --mode sde --num_steps 250 --cfg-scale 1.8 --guidance_high 0.7`` (its README).
+
+    REPA's ``samplers.py euler_maruyama_sampler``: Euler-Maruyama on ``t_REPA = linspace(1, 0.04, 250)``
+    (249 stochastic steps), then a last step to 0 of the drift without noise, ``x + dt (v - D s)``; the
+    diffusion ``compute_diffusion(t) = 2 t_REPA`` enters as ``sqrt(2 t_REPA) dW`` and ``- 0.5 * 2 t_REPA * s``,
+    so it is our ``w``, ``w = 2 t_REPA = 2 sigma_t`` on the Linear path: our ``sigma`` at norm 2, the
+    released SiT SDE's coefficient. In our time (``t = 1 - t_REPA``) that is exactly ``released-sde``'s
+    grid: 249 steps from 0 to 0.96, a Mean last step of 0.04 (250 NFE). Guidance: REPA guides when
+    ``guidance_low <= t_REPA <= guidance_high`` at the start of a step, i.e. ``0.3 <= t <= 1`` here,
+    and on all four channels (the drift is affine in the velocity, so guiding it is guiding the
+    velocity). REPA issue #52 calls ``2 t`` a typo against the paper's ``sigma_t = t``; FID 1.42 is
+    what the code ran, so the preset keeps it.
+    """
+    coefficient, factor = RELEASED_FORMS[RELEASED_SDE_FORM]
+    return SamplerSettings(
+        sampler="sde",
+        method="euler",
+        steps=RELEASED_NUM_SAMPLING_STEPS,
+        diffusion=coefficient.name,  # type: ignore[arg-type]  # a DiffusionName by construction
+        diffusion_norm=factor * RELEASED_SDE_NORM,
+        last_step="mean",
+        last_step_size=PAPER_LAST_STEP_SIZE,
+        cfg_scale=REPA_CFG_SCALE,
+        guidance_interval=REPA_GUIDANCE_INTERVAL,
+        guidance_channels=None,
+    )
+
+
 def _paper_sde(
     diffusion: Literal["w_kl", "sigma", "increasing_decreasing"], cfg_scale: float
 ) -> SamplerSettings:
@@ -187,6 +226,14 @@ _TABLE7_ODE = TargetFigure(_XL_256, "7M", PAPER_CFG_SCALE, 2.15, "paper Table 7,
 _TABLE7_SDE = TargetFigure(_XL_256, "7M", PAPER_CFG_SCALE, 2.06, "paper Table 7, SiT-XL SDE; released README")
 _TABLE7_SDE_512 = TargetFigure(
     "SiT-XL/2, 512x512", "3M", PAPER_CFG_SCALE, 2.62, "paper Table 7, 512 SiT-XL SDE"
+)
+
+_REPA_XL_4M = TargetFigure(
+    "SiT-XL/2 + REPA, 256x256",
+    "4M",
+    REPA_CFG_SCALE,
+    1.42,
+    "REPA README (generate.py --mode sde --num_steps 250 --cfg-scale 1.8 --guidance_high 0.7)",
 )
 
 _SDE_COEFFICIENT_UNSTATED = (
@@ -305,6 +352,18 @@ def _presets() -> dict[str, SamplerPreset]:
             ),
             note="sin^2(pi t) is symmetric in t, so the paper's time and ours agree. The released "
             "'increasing-decreasing' would need norm 0.5 and cannot run (its key is misspelt there).",
+        ),
+        SamplerPreset(
+            "repa-sde-cfg1.8-interval",
+            _repa_sde(),
+            "REPA (Yu et al., ICLR 2025) README evaluation: generate.py --mode sde --num_steps 250 "
+            "--cfg-scale 1.8 --guidance_high 0.7 (samplers.py euler_maruyama_sampler)",
+            (_REPA_XL_4M,),
+            note="REPA's time runs from data (0) to noise (1): its guidance interval t_REPA in [0, 0.7] is "
+            "[0.3, 1.0] in ours. Its SDE is released-sde's (w = 2 sigma_t, 249 Euler-Maruyama steps to 0.96, "
+            "Mean last step), guided on all four channels inside the interval. generate.py decodes with "
+            "--vae ema (its default; the README command does not change it) although REPA's latents are of "
+            "sd-vae-ft-mse; REPA issue #52 calls its diffusion 2t a typo, but 1.42 is what the code ran.",
         ),
     ]
     return {preset.name: preset for preset in presets}
