@@ -210,3 +210,36 @@ def test_quality_vs_nfe_smoke_rows_and_scores_equal_fid_callback(tmp_path: Path)
     table = (out / "quality_vs_nfe.md").read_text()
     assert "### cfg 1.5" in table and "| sampler | NFE 4 | NFE 8 |" in table
     assert table.count("| ODE Euler | ") == 2 and table.count("| SDE Euler-Maruyama, w_KL | ") == 2
+
+
+def test_sampler_error_vs_nfe_rows_orders_and_plot(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """benchmarks/sampler_error_vs_nfe.py at two budgets on few samples: one row per sampler and budget
+    with the NFE it spent, the ODE errors fall with the method's order (Euler halves, Heun quarters), the
+    printed table holds every row, and ``--plot`` writes a PNG."""
+    spec = importlib.util.spec_from_file_location(
+        "sampler_error_vs_nfe", BENCHMARK.parent / "sampler_error_vs_nfe.py"
+    )
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(bench)
+
+    png = tmp_path / "error.png"
+    rows = bench.main(["--samples", "400", "--sde-samples", "400", "--nfe", "16,32", "--plot", str(png)])
+    ode = {
+        (r.sampler, r.nfe): r.trajectory
+        for r in rows
+        if r.sampler.startswith("ODE ") and "dopri5" not in r.sampler
+    }
+    assert set(ode) == {
+        (f"ODE {m}", n) for m in ("euler", "midpoint", "heun", "rk4", "rk4_38") for n in (16, 32)
+    }
+    assert 1.7 < ode[("ODE euler", 16)] / ode[("ODE euler", 32)] < 2.3  # first order
+    assert 2.5 < ode[("ODE heun", 16)] / ode[("ODE heun", 32)] < 5.0  # second order
+    sde = [(r.sampler, r.nfe) for r in rows if r.sampler.startswith("SDE ")]
+    assert sde == [("SDE euler", 16), ("SDE euler", 32), ("SDE heun", 15), ("SDE heun", 31)]
+    table = capsys.readouterr().out
+    assert all("| " + " | ".join(r.cells()) + " |" in table for r in rows)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
