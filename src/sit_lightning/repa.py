@@ -250,8 +250,12 @@ def resample_position_embedding(encoder: nn.Module, grid_size: int) -> None:
         encoder.pos_embed = resampled
 
 
-def build_encoder(config: RepaConfig, grid_size: int) -> nn.Module:
+def build_encoder(config: RepaConfig, grid_size: int | None) -> nn.Module:
     """The frozen encoder of ``config``: imported, built, weights loaded, pos_embed resampled, eval, no grad.
+
+    ``grid_size`` is the network's patch grid; None (``precompute-latents``, which knows no network):
+    the encoder's own grid at ``encoder_resolution`` (``encoder_resolution // patch_size``), which
+    ``pos_embed`` is resampled to; an encoder without an integer ``patch_size`` is then not resampled.
 
     Raises:
         ConfigurationError: when the import path does not resolve or the weights file is missing.
@@ -269,6 +273,8 @@ def build_encoder(config: RepaConfig, grid_size: int) -> nn.Module:
     if config.encoder_weights is not None:
         encoder.load_state_dict(_read_state_dict(Path(config.encoder_weights)), strict=True)
     patch = getattr(encoder, "patch_size", None)  # DINOv2 and timm ViTs say it
+    if grid_size is None:
+        grid_size = config.encoder_resolution // patch if isinstance(patch, int) else None
     if isinstance(patch, int) and config.encoder_resolution // patch != grid_size:
         side = config.encoder_resolution // patch
         raise ShapeMismatchError(
@@ -278,7 +284,7 @@ def build_encoder(config: RepaConfig, grid_size: int) -> nn.Module:
             "16 x 16 = 256 tokens, as DINOv2 ViT-B/14 at 224 px; SiT/4 and /8 have 64 and 16) or set "
             "model.repa.encoder_resolution to match"
         )
-    if config.resample_pos_embed:
+    if config.resample_pos_embed and grid_size is not None:
         resample_position_embedding(encoder, grid_size)
     encoder.requires_grad_(False)
     return encoder.eval()

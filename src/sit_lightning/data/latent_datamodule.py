@@ -13,11 +13,16 @@ output folder that is not writable or lacks room for a checkpoint (checked in ``
 Non-finite latents are found where a batch is made (a finiteness check of each sample's sum: about 1% of
 making the batch) and named by shard file and row; ``validate_shards`` checks every value of a folder
 ahead of time.
+
+For REPA, ``repa_inputs`` adds what the alignment needs beside the latent (docs/data.md, "What REPA
+reads"): ``"image"``, the stored clean image as uint8, flipped with its latent (the same keyed flip);
+or ``"features"``, the stored encoder features of the unflipped image, which need ``flip=False``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -28,7 +33,11 @@ from sit_lightning.data.stream import SampleStreamDataModule
 from sit_lightning.errors import ConfigurationError, DataError
 from sit_lightning.randomness import keyed_generator, keyed_rand, keyed_randn
 
-__all__ = ["LatentDataModule", "LatentSource", "FLIP_STREAM", "POSTERIOR_STREAM"]
+__all__ = ["LatentDataModule", "LatentSource", "FLIP_STREAM", "POSTERIOR_STREAM", "RepaInputs"]
+
+#: What a batch carries for REPA beside the latent: nothing, ``image`` or ``repa_features``.
+RepaInputs = Literal["none", "image", "features"]
+REPA_INPUTS: tuple[str, ...] = get_args(RepaInputs)
 
 FLIP_STREAM = "data.flip"
 POSTERIOR_STREAM = "data.posterior"
@@ -48,6 +57,8 @@ class LatentSource:
         sample_posterior: draw ``z = mean + std * n``; ``False`` uses the posterior mean.
         subset: dataset indices of this split into the shards (``None``: all).
         stream_prefix: prepended to the random stream names (keeps validation draws apart).
+        repa_inputs: also yield ``image`` ((b, 3, S, S) uint8, flipped with its latent) or
+            ``repa_features`` ((b, T, C) float16, of the unflipped image; needs ``flip=False``).
     """
 
     def __init__(
@@ -59,7 +70,20 @@ class LatentSource:
         sample_posterior: bool,
         subset: np.ndarray | None = None,
         stream_prefix: str = "",
+        repa_inputs: RepaInputs = "none",
     ) -> None:
+        _check_repa_inputs(repa_inputs, flip)
+        if repa_inputs == "image" and shards.image_shape is None:
+            raise ConfigurationError(
+                f"repa_inputs='image' but {shards.path} holds no images; make the shards with "
+                "precompute-latents --store_images true, or choose repa_inputs from ('none', 'features')"
+            )
+        if repa_inputs == "features" and shards.feature_shape is None:
+            raise ConfigurationError(
+                f"repa_inputs='features' but {shards.path} holds no encoder features; make the shards with "
+                "precompute-latents --repa_encoder ..., or choose repa_inputs from ('none', 'image')"
+            )
+        self.repa_inputs = repa_inputs
         self.shards = shards
         self.seed = seed
         self.flip = flip
@@ -95,7 +119,14 @@ class LatentSource:
         if not bool(finite.all()):
             self._raise_non_finite(int(rows[int(torch.nonzero(~finite)[0])]))
         y = torch.from_numpy(self.shards.labels[rows].astype(np.int64))
-        return {"x": x, "y": y}
+        batch = {"x": x, "y": y}
+        if self.repa_inputs == "image":
+            image = torch.from_numpy(self.shards.images(rows))  # (b, 3, S, S) uint8, unflipped
+            image[flipped] = image[flipped].flip(-1)  # the latent's flip: exact for pixels
+            batch["image"] = image
+        elif self.repa_inputs == "features":
+            batch["repa_features"] = torch.from_numpy(self.shards.features(rows))  # (b, T, C) float16
+        return batch
 
     def _raise_non_finite(self, index: int) -> None:
         file, row = self.shards.locate(index)
@@ -103,6 +134,16 @@ class LatentSource:
             f"non-finite latent (NaN or inf) in {file}, row {row} (sample {index} of {self.shards.path}); "
             f"find every bad value with sit_lightning.data.validate_shards({str(self.shards.path)!r}) and "
             "make the shards again with precompute-latents"
+        )
+
+
+def _check_repa_inputs(repa_inputs: str, flip: bool) -> None:
+    if repa_inputs not in REPA_INPUTS:
+        raise ConfigurationError(f"repa_inputs must be one of {REPA_INPUTS}; got {repa_inputs!r}")
+    if repa_inputs == "features" and flip:
+        raise ConfigurationError(
+            "repa_inputs='features' needs flip=false: the stored encoder features are of the unflipped "
+            "images only, so a flipped latent would be aligned with the unflipped image's features"
         )
 
 
@@ -128,6 +169,12 @@ class LatentDataModule(SampleStreamDataModule):
             remainder that does not fill a whole batch is not evaluated (a split smaller than one batch
             is evaluated as one batch of what divides by the ranks).
         pin_memory: pin host memory for faster host-to-GPU copies.
+        repa_inputs: what training batches carry for REPA (``model.repa``): ``none`` (default),
+            ``image`` (``batch["image"]``, the stored clean image, (b, 3, S, S) uint8 with the latent's
+            flip; for an online encoder) or ``features`` (``batch["repa_features"]``, the stored
+            (b, T, C) float16 encoder features; needs ``flip=false``). The shards must hold them
+            (``precompute-latents --store_images`` / ``--repa_encoder``); validation batches carry
+            neither (the validation loss is the plain objective).
     """
 
     def __init__(
@@ -142,7 +189,9 @@ class LatentDataModule(SampleStreamDataModule):
         val_fraction: float = 0.0,
         val_global_batch_size: int | None = None,
         pin_memory: bool = True,
+        repa_inputs: RepaInputs = "none",
     ) -> None:
+        _check_repa_inputs(repa_inputs, flip)
         super().__init__(global_batch_size, num_workers, seed, pin_memory, val_global_batch_size)
         if not 0.0 <= val_fraction < 1.0:
             raise ConfigurationError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -157,6 +206,7 @@ class LatentDataModule(SampleStreamDataModule):
         self.sample_posterior = sample_posterior
         self.val_dir = val_dir
         self.val_fraction = val_fraction
+        self.repa_inputs = repa_inputs
         self._shards: LatentShards | None = None
         self._val_shards: LatentShards | None = None
         self._train: LatentSource | None = None
@@ -205,9 +255,11 @@ class LatentDataModule(SampleStreamDataModule):
                     f"data_dir latents {shards.latent_shape}"
                 )
             self._val = self._source(self._val_shards, None, VAL_STREAM_PREFIX)
-        self._train = self._source(shards, train_subset, "")
+        self._train = self._source(shards, train_subset, "", self.repa_inputs)
 
-    def _source(self, shards: LatentShards, subset: np.ndarray | None, prefix: str) -> LatentSource:
+    def _source(
+        self, shards: LatentShards, subset: np.ndarray | None, prefix: str, repa_inputs: RepaInputs = "none"
+    ) -> LatentSource:
         return LatentSource(
             shards,
             seed=self.seed,
@@ -215,6 +267,7 @@ class LatentDataModule(SampleStreamDataModule):
             sample_posterior=self.sample_posterior,
             subset=subset,
             stream_prefix=prefix,
+            repa_inputs=repa_inputs,
         )
 
     def train_source(self) -> LatentSource:

@@ -6,6 +6,11 @@ One process per visible GPU (``torch.multiprocessing`` spawn) encodes a contiguo
 image list into its own ``part-XXX`` folder; the parts are then merged into one index in image order,
 and a final pass reads every shard back (counts, finite values) and records per-channel statistics.
 Interrupted runs resume: each part keeps its complete shards and encodes only the rest.
+
+For REPA (docs/data.md, "What REPA reads") it can also store, beside the moments, the centre-cropped
+image as uint8 (``store_images``; unflipped: the reader flips it with its latent) and/or a frozen
+encoder's features of the unflipped image as float16 (``repa_encoder``; runs that read them train
+without flips).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from sit_lightning.data.shards import (
     validate_shards,
     write_json_atomic,
 )
+from sit_lightning.repa import REPA_ENCODER_RESOLUTION, RepaConfig, build_encoder, encode_images
 
 __all__ = ["PrecomputeResult", "precompute_latents", "precompute_latents_main"]
 
@@ -80,6 +86,8 @@ class _PartJob:
     dtype: StorageDtype
     scale_factor: float
     progress: bool
+    store_images: bool = False
+    repa: RepaConfig | None = None  # the encoder whose features are stored, or None
 
 
 class _CroppedImages(Dataset):
@@ -133,6 +141,12 @@ def _encode_part(job: _PartJob) -> None:
     if (Path(job.part_dir) / INDEX_FILE).exists():
         return  # this part finished in an earlier run
     vae = _load_vae(job.vae, job.device)
+    encoder = _encoder(job)
+    feature_shape = None
+    if encoder is not None:
+        assert job.repa is not None
+        probe = torch.zeros(1, 3, job.image_size, job.image_size, dtype=torch.uint8, device=job.device)
+        feature_shape = tuple(encode_images(encoder, probe, job.repa.encoder_resolution).shape[1:])
     writer = LatentShardWriter(
         job.part_dir,
         _latent_shape(vae, job.image_size),
@@ -142,6 +156,9 @@ def _encode_part(job: _PartJob) -> None:
         scale_factor=job.scale_factor,
         dtype=job.dtype,
         image_size=job.image_size,
+        image_shape=(3, job.image_size, job.image_size) if job.store_images else None,
+        feature_shape=feature_shape,
+        feature_encoder=None if job.repa is None else job.repa.encoder,
     )
     done = writer.num_written
     images = _CroppedImages(job.paths[done:], job.labels[done:], job.image_size)
@@ -160,10 +177,30 @@ def _encode_part(job: _PartJob) -> None:
             both = torch.cat([x, torch.flip(x, dims=[-1])])  # one encoder call for plain and flipped
             posterior = vae.encode(both).latent_dist
             mean, std = posterior.mean.float().chunk(2), posterior.std.float().chunk(2)
-            writer.add(mean[0], std[0], mean[1], std[1], labels)
+            image = pixels.permute(0, 3, 1, 2).contiguous()  # (n, 3, S, S) uint8, unflipped
+            features = None
+            if encoder is not None:
+                assert job.repa is not None
+                features = encode_images(encoder, image.to(job.device), job.repa.encoder_resolution).half()
+            writer.add(
+                mean[0],
+                std[0],
+                mean[1],
+                std[1],
+                labels,
+                images=image if job.store_images else None,
+                features=features,
+            )
             bar.update(len(labels))
     bar.close()
     writer.close()
+
+
+def _encoder(job: _PartJob) -> torch.nn.Module | None:
+    """The frozen encoder of ``job.repa`` on the job's device (its own patch grid: no network here)."""
+    if job.repa is None:
+        return None
+    return build_encoder(job.repa, grid_size=None).to(job.device)
 
 
 def _spawned_worker(rank: int, jobs: list[_PartJob]) -> None:
@@ -217,6 +254,11 @@ def precompute_latents(
     dtype: StorageDtype = "float32",
     overwrite: bool = False,
     progress: bool = True,
+    store_images: bool = False,
+    repa_encoder: str | None = None,
+    repa_encoder_init_args: dict[str, Any] | None = None,
+    repa_encoder_weights: str | None = None,
+    repa_encoder_resolution: int = REPA_ENCODER_RESOLUTION,
 ) -> PrecomputeResult:
     """Encode an ImageFolder tree into latent shards (resumable).
 
@@ -236,10 +278,30 @@ def precompute_latents(
         dtype: storage dtype of the moments.
         overwrite: discard an earlier (complete or partial) run in ``output_dir``.
         progress: show a progress bar per process.
+        store_images: also store each centre-cropped image, unflipped, as uint8 ``(3, S, S)`` (192 KiB
+            per image at 256 px; 0.23 TiB for ImageNet-1k train), for REPA with an online encoder
+            (``LatentDataModule(repa_inputs="image")`` flips it with its latent).
+        repa_encoder: also store a frozen encoder's ``(T, C)`` float16 features of each unflipped image
+            (``model.repa.encoder``'s import path, e.g. ``dinov2.hub.backbones.dinov2_vitb14``; 384 KiB per
+            image for DINOv2-B at 224 px, 0.46 TiB for ImageNet-1k train), for REPA without an encoder
+            in training (``repa_inputs="features"``, which needs ``flip=false``).
+        repa_encoder_init_args: its keyword arguments (``{pretrained: false}`` for DINOv2's hub functions).
+        repa_encoder_weights: a local file of its weights (as ``model.repa.encoder_weights``).
+        repa_encoder_resolution: the side it sees (bicubic resize; 224 for DINOv2 as REPA).
 
     Returns:
         What was written, with the measured per-channel statistics of the unscaled latents.
     """
+    repa = None
+    if repa_encoder is not None:
+        repa = RepaConfig(
+            encoder=repa_encoder,
+            encoder_init_args=dict(repa_encoder_init_args or {}),
+            encoder_weights=repa_encoder_weights,
+            encoder_resolution=repa_encoder_resolution,
+        )
+    elif repa_encoder_weights is not None or repa_encoder_init_args:
+        raise ValueError("repa_encoder_weights / repa_encoder_init_args need repa_encoder")
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     if overwrite:
@@ -254,6 +316,10 @@ def precompute_latents(
         "scale_factor": scale_factor,
         "num_processes": len(device_list),
     }
+    if store_images:  # only when set, so that runs begun before these options still resume
+        settings["store_images"] = True
+    if repa is not None:
+        settings["repa_encoder"] = repa.as_dict()
     _plan(scan, settings, output, overwrite)
     n, num_parts = len(scan), len(device_list)
     bounds = [r * n // num_parts for r in range(num_parts + 1)]
@@ -275,6 +341,8 @@ def precompute_latents(
             dtype=dtype,
             scale_factor=scale_factor,
             progress=progress,
+            store_images=store_images,
+            repa=repa,
         )
         for r in range(num_parts)
     ]

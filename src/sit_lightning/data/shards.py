@@ -5,6 +5,8 @@ Layout of a shard folder (``index.json`` is written last, atomically, so its pre
     index.json
     moments-000000.npy   (n, 2, 2, C, H, W)  [flip][mean, std]  UNSCALED VAE posterior moments
     labels-000000.npy    (n,) int64
+    images-000000.npy    (n, 3, S, S) uint8     the centre-cropped image, unflipped (optional)
+    features-000000.npy  (n, T, C) float16      a frozen encoder's features of that image (optional)
     ...
 
 ``[flip]`` is 0 for the image as is and 1 for the horizontally flipped image, so training draws a fresh
@@ -14,10 +16,16 @@ cost. The reader applies the normalisation recorded in the index: ``z * scale_fa
 convention) or per-channel ``(z - channel_mean) / channel_std``. A merged folder (one part per encoding
 process) lists shard paths relative to the folder, e.g. ``part-001/moments-000003.npy``.
 
+The optional images and features are what REPA aligns to (docs/data.md, "What REPA reads"): the image
+is stored once, as is, because flipping it is exact (the reader flips it with its latent); the
+features are of the unflipped image only, so runs that read them train without flips.
+
 Index fields: ``format``, ``version``, ``latent_shape`` [C, H, W], ``dtype``, ``count``, ``vae``,
 ``image_size``, ``normalization`` ("scale" | "channel"), ``scale_factor``, ``channel_mean``,
 ``channel_std`` (per-channel statistics of the unscaled posterior samples, or null), ``class_names``,
-``shard_size``, ``shards`` [{``moments``, ``labels``, ``count``}].
+``shard_size``, ``shards`` [{``moments``, ``labels``, ``count``, and ``images`` / ``features`` when
+present}]; optional (absent in folders written before them): ``image_shape`` [3, S, S] or null,
+``feature_shape`` [T, C] or null, ``feature_encoder`` (what made the features) or null.
 """
 
 from __future__ import annotations
@@ -59,6 +67,12 @@ FORMAT_NAME = "sit-lightning/latent-shards"
 FORMAT_VERSION = 1
 FLIP_AXIS_SIZE = 2  # [plain, horizontally flipped]
 MOMENT_AXIS_SIZE = 2  # [mean, std]
+IMAGE_DTYPE = np.dtype(np.uint8)  # the clean image as pixels: 256 x 256 x 3 = 192 KiB per image
+FEATURE_DTYPE = np.dtype(np.float16)  # encoder features: 256 x 768 x 2 B = 384 KiB per image (DINOv2-B)
+#: Shard files beside the moments, and the index field of each one's per-image shape.
+EXTRA_KINDS: dict[str, str] = {"images": "image_shape", "features": "feature_shape"}
+_EXTRA_DTYPES = {"images": IMAGE_DTYPE, "features": FEATURE_DTYPE}
+ShardKind = Literal["moments", "labels", "images", "features"]
 #: How to make a shard folder, for the message when one is missing.
 PRECOMPUTE_HINT = (
     "sit-lightning precompute-latents IMAGE_ROOT {path} --vae stabilityai/sd-vae-ft-ema --image_size 256"
@@ -132,6 +146,10 @@ def _shard_names(number: int) -> tuple[str, str]:
     return f"moments-{number:06d}.npy", f"labels-{number:06d}.npy"
 
 
+def _extra_name(kind: str, number: int) -> str:
+    return f"{kind}-{number:06d}.npy"
+
+
 class LatentRecord(NamedTuple):
     """One image: unscaled posterior moments ``(C, H, W)`` of the plain and flipped image, and its label."""
 
@@ -163,6 +181,10 @@ class LatentShardWriter:
         dtype: storage dtype of the moments. float16 halves the disk but rounds the mean to 2^-11
             relative, which can exceed a small posterior std: float32 by default.
         image_size: the side of the centre-cropped images that were encoded (recorded only).
+        image_shape: ``(3, S, S)``: also store each (unflipped) image as uint8; ``add`` then takes ``images``.
+        feature_shape: ``(T, C)``: also store a frozen encoder's features of each unflipped image as
+            float16; ``add`` then takes ``features``.
+        feature_encoder: what made the features (recorded only).
     """
 
     def __init__(
@@ -179,7 +201,14 @@ class LatentShardWriter:
         normalization: Normalization = "scale",
         dtype: StorageDtype = "float32",
         image_size: int | None = None,
+        image_shape: Sequence[int] | None = None,
+        feature_shape: Sequence[int] | None = None,
+        feature_encoder: str | None = None,
     ) -> None:
+        if image_shape is not None and (len(image_shape) != 3 or int(image_shape[0]) != 3):
+            raise ValueError(f"image_shape must be (3, H, W), got {tuple(image_shape)}")
+        if feature_shape is not None and len(feature_shape) != 2:
+            raise ValueError(f"feature_shape must be (T, C), got {tuple(feature_shape)}")
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
         if len(latent_shape) != 3:
@@ -204,6 +233,15 @@ class LatentShardWriter:
             "channel_std": None if channel_std is None else [float(v) for v in channel_std],
             "class_names": list(class_names),
             "shard_size": shard_size,
+            "image_shape": None if image_shape is None else [int(v) for v in image_shape],
+            "feature_shape": None if feature_shape is None else [int(v) for v in feature_shape],
+            "feature_encoder": feature_encoder,
+        }
+        #: The extra kinds this writer stores, with the per-image shape of each.
+        self.extras: dict[str, tuple[int, ...]] = {
+            kind: tuple(self.meta[field])
+            for kind, field in EXTRA_KINDS.items()
+            if self.meta[field] is not None
         }
         if (self.output_dir / INDEX_FILE).exists():
             raise FileExistsError(
@@ -215,11 +253,14 @@ class LatentShardWriter:
         self._resume()
         self._buffer: list[np.ndarray] = []
         self._label_buffer: list[np.ndarray] = []
+        self._extra_buffers: dict[str, list[np.ndarray]] = {kind: [] for kind in self.extras}
         self._buffered = 0
         self.closed = False
 
     def _check_writer_settings(self) -> None:
         settings = {k: self.meta[k] for k in ("format", "version", "latent_shape", "dtype", "shard_size")}
+        # the extras only when stored, so that folders begun before they existed still resume
+        settings |= {EXTRA_KINDS[kind]: list(shape) for kind, shape in self.extras.items()}
         path = self.output_dir / WRITER_FILE
         if path.exists():
             previous = json.loads(path.read_text())
@@ -243,9 +284,16 @@ class LatentShardWriter:
                     self.dtype,
                 )
                 _check_npy(self.output_dir / labels_name, (self.shard_size,), np.dtype(np.int64))
+                for kind, shape in self.extras.items():
+                    _check_npy(
+                        self.output_dir / _extra_name(kind, number),
+                        (self.shard_size, *shape),
+                        _EXTRA_DTYPES[kind],
+                    )
             except (FileNotFoundError, ValueError):
                 return
-            self._shards.append({"moments": moments_name, "labels": labels_name, "count": self.shard_size})
+            shard = {"moments": moments_name, "labels": labels_name, "count": self.shard_size}
+            self._shards.append(shard | {kind: _extra_name(kind, number) for kind in self.extras})
             number += 1
 
     @property
@@ -260,10 +308,20 @@ class LatentShardWriter:
         mean_flip: Tensor | np.ndarray,
         std_flip: Tensor | np.ndarray,
         labels: Tensor | np.ndarray,
+        images: Tensor | np.ndarray | None = None,
+        features: Tensor | np.ndarray | None = None,
     ) -> None:
-        """Append a batch: four ``(n, C, H, W)`` unscaled moment arrays and ``(n,)`` integer labels."""
+        """Append a batch: four ``(n, C, H, W)`` unscaled moment arrays and ``(n,)`` integer labels, and
+        the ``(n, 3, S, S)`` uint8 images / ``(n, T, C)`` features when the writer stores them."""
         if self.closed:
             raise RuntimeError("the writer is closed")
+        given = {"images": images, "features": features}
+        for kind in EXTRA_KINDS:
+            if (given[kind] is None) != (kind not in self.extras):
+                stored = "stores" if kind in self.extras else "does not store"
+                raise ValueError(
+                    f"this writer {stored} {kind}; got {kind}={'None' if given[kind] is None else '...'}"
+                )
         arrays = [_as_numpy(a) for a in (mean, std, mean_flip, std_flip)]
         labels_np = _as_numpy(labels).astype(np.int64).reshape(-1)
         n = labels_np.shape[0]
@@ -271,6 +329,14 @@ class LatentShardWriter:
             if a.shape != (n, *self.latent_shape):
                 raise ValueError(f"{name} has shape {a.shape}, expected {(n, *self.latent_shape)}")
         moments = np.stack([np.stack(arrays[:2], 1), np.stack(arrays[2:], 1)], 1).astype(self.dtype)
+        for kind, shape in self.extras.items():
+            value = given[kind]
+            array = value.detach().cpu().numpy() if isinstance(value, Tensor) else np.asarray(value)
+            if array.shape != (n, *shape):
+                raise ValueError(f"{kind} has shape {array.shape}, expected {(n, *shape)}")
+            if kind == "images" and array.dtype != IMAGE_DTYPE:
+                raise ValueError(f"images must be uint8 pixels, got {array.dtype}")
+            self._extra_buffers[kind].append(array.astype(_EXTRA_DTYPES[kind]))
         self._buffer.append(moments)  # (n, 2, 2, C, H, W)
         self._label_buffer.append(labels_np)
         self._buffered += n
@@ -280,11 +346,18 @@ class LatentShardWriter:
     def _flush(self, count: int) -> None:
         moments = np.concatenate(self._buffer)
         labels = np.concatenate(self._label_buffer)
-        moments_name, labels_name = _shard_names(len(self._shards))
-        # labels first: a shard counts as complete only once its moments file exists as well
+        number = len(self._shards)
+        moments_name, labels_name = _shard_names(number)
+        # labels and extras first: a shard counts as complete only once its moments file exists as well
         _save_npy_atomic(self.output_dir / labels_name, labels[:count])
+        shard = {"moments": moments_name, "labels": labels_name, "count": count}
+        for kind, buffer in self._extra_buffers.items():
+            extra = np.concatenate(buffer)
+            _save_npy_atomic(self.output_dir / _extra_name(kind, number), np.ascontiguousarray(extra[:count]))
+            self._extra_buffers[kind] = [extra[count:]]
+            shard[kind] = _extra_name(kind, number)
         _save_npy_atomic(self.output_dir / moments_name, np.ascontiguousarray(moments[:count]))
-        self._shards.append({"moments": moments_name, "labels": labels_name, "count": count})
+        self._shards.append(shard)
         self._buffer, self._label_buffer = [moments[count:]], [labels[count:]]
         self._buffered -= count
 
@@ -373,9 +446,21 @@ class LatentShards:
             raise DataError(
                 f"{index_path}: shard counts sum to {sum(counts)}, index count is {self.index['count']}"
             )
+        #: The extra kinds the folder holds (``images``, ``features``), with the per-image shape of each.
+        self.extras: dict[str, tuple[int, ...]] = {
+            kind: tuple(int(v) for v in self.index[field])
+            for kind, field in EXTRA_KINDS.items()
+            if self.index.get(field) is not None
+        }
         for shard, count in zip(self.index["shards"], counts, strict=True):
             _check_npy(self.path / shard["moments"], _moments_shape(count, self.latent_shape), self.dtype)
             _check_npy(self.path / shard["labels"], (count,), np.dtype(np.int64))
+            for kind, shape in self.extras.items():
+                if kind not in shard:
+                    raise DataError(
+                        f"{index_path}: {EXTRA_KINDS[kind]} is set but a shard lists no {kind} file"
+                    )
+                _check_npy(self.path / shard[kind], (count, *shape), _EXTRA_DTYPES[kind])
         self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.labels = (
             np.concatenate([np.load(self.path / s["labels"]) for s in self.index["shards"]])
@@ -383,7 +468,7 @@ class LatentShards:
             else np.zeros((0,), np.int64)
         )
         self._check_labels()
-        self._memmaps: list[np.ndarray] | None = None  # opened lazily, per process (never pickled)
+        self._memmaps: dict[str, list[np.ndarray]] = {}  # opened lazily, per process (never pickled)
 
     def _check_labels(self) -> None:
         """Every label in ``[0, num_classes)``: one pass over the labels, which are read anyway."""
@@ -398,8 +483,8 @@ class LatentShards:
                 f"{self.num_classes} class_names; make the shards again with precompute-latents"
             )
 
-    def locate(self, index: int, kind: Literal["moments", "labels"] = "moments") -> tuple[Path, int]:
-        """The shard file (``kind``: moments or labels) holding sample ``index``, and its row in that file."""
+    def locate(self, index: int, kind: ShardKind = "moments") -> tuple[Path, int]:
+        """The shard file (``kind``: moments, labels, images, features) holding sample ``index``, and its row."""
         shard = int(np.searchsorted(self._starts, index, side="right")) - 1
         return self.path / self.index["shards"][shard][kind], int(index - self._starts[shard])
 
@@ -423,25 +508,58 @@ class LatentShards:
     def scale_factor(self) -> float | None:
         return self.index.get("scale_factor")
 
+    @property
+    def image_shape(self) -> tuple[int, int, int] | None:
+        """``(3, S, S)`` of the stored images, or None when the folder holds none."""
+        return self.extras.get("images")  # type: ignore[return-value]
+
+    @property
+    def feature_shape(self) -> tuple[int, int] | None:
+        """``(T, C)`` of the stored encoder features, or None when the folder holds none."""
+        return self.extras.get("features")  # type: ignore[return-value]
+
     # ----------------------------------------------------------------- data
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_memmaps"] = None  # data-loader workers reopen the files instead of copying the data
+        state["_memmaps"] = {}  # data-loader workers reopen the files instead of copying the data
         return state
 
-    def _arrays(self) -> list[np.ndarray]:
-        if self._memmaps is None:
-            self._memmaps = [np.load(self.path / s["moments"], mmap_mode="r") for s in self.index["shards"]]
-        return self._memmaps
+    def _arrays(self, kind: str = "moments") -> list[np.ndarray]:
+        if kind not in self._memmaps:
+            self._memmaps[kind] = [np.load(self.path / s[kind], mmap_mode="r") for s in self.index["shards"]]
+        return self._memmaps[kind]
 
     def moments(self, indices: np.ndarray | Sequence[int]) -> np.ndarray:
         """``(n, 2, 2, C, H, W)`` float32 unscaled moments ``[flip][mean, std]`` of the images ``indices``."""
+        return self._gather(
+            "moments", indices, _moments_shape(0, self.latent_shape)[1:], np.dtype(np.float32)
+        )
+
+    def images(self, indices: np.ndarray | Sequence[int]) -> np.ndarray:
+        """``(n, 3, S, S)`` uint8 centre-cropped images (unflipped) ``indices``; the folder must hold them."""
+        if self.image_shape is None:
+            raise DataError(
+                f"{self.path} holds no images (precompute-latents --store_images true makes them)"
+            )
+        return self._gather("images", indices, self.image_shape, IMAGE_DTYPE)
+
+    def features(self, indices: np.ndarray | Sequence[int]) -> np.ndarray:
+        """``(n, T, C)`` float16 encoder features of the unflipped images ``indices``; the folder must hold them."""
+        if self.feature_shape is None:
+            raise DataError(
+                f"{self.path} holds no encoder features (precompute-latents --repa_encoder makes them)"
+            )
+        return self._gather("features", indices, self.feature_shape, FEATURE_DTYPE)
+
+    def _gather(
+        self, kind: str, indices: np.ndarray | Sequence[int], shape: Sequence[int], dtype: np.dtype
+    ) -> np.ndarray:
         indices = np.asarray(indices, dtype=np.int64)
         if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
             raise IndexError(f"indices out of range [0, {len(self)})")
-        out = np.empty(_moments_shape(len(indices), self.latent_shape), np.float32)
+        out = np.empty((len(indices), *shape), dtype)
         shard_of = np.searchsorted(self._starts, indices, side="right") - 1
-        arrays = self._arrays()
+        arrays = self._arrays(kind)
         for shard in np.unique(shard_of):
             rows = np.nonzero(shard_of == shard)[0]
             local = indices[rows] - self._starts[shard]
@@ -485,8 +603,8 @@ class ShardReport:
 
 
 def validate_shards(path: str | os.PathLike, *, chunk: int = 1024) -> ShardReport:
-    """Read every shard of a folder: shapes and sizes (via :class:`LatentShards`), finite values,
-    ``std >= 0``, labels in range; returns the per-channel mean and std of ``z = mean + std * n``
+    """Read every shard of a folder: shapes and sizes (via :class:`LatentShards`), finite values (moments
+    and encoder features), ``std >= 0``, labels in range; returns the per-channel mean and std of ``z = mean + std * n``
     over images, both flips and positions (``Var z = E[mean^2 + std^2] - (E mean)^2``)."""
     shards = LatentShards(path)
     channels = shards.latent_shape[0]
@@ -503,6 +621,13 @@ def validate_shards(path: str | os.PathLike, *, chunk: int = 1024) -> ShardRepor
             raise DataError(f"{path}: negative posterior std in images {start}..{start + len(m) - 1}")
         total += m[:, :, 0].sum(axis=(0, 1, 3, 4))
         total_sq += (m[:, :, 0] ** 2 + m[:, :, 1] ** 2).sum(axis=(0, 1, 3, 4))
+        if shards.feature_shape is not None:  # float16 features overflow to inf above 65504
+            f = shards.features(np.arange(start, start + len(m)))
+            finite = np.isfinite(f).reshape(len(f), -1).all(1)
+            if not finite.all():
+                bad = start + int(np.nonzero(~finite)[0][0])
+                file, row = shards.locate(bad, "features")
+                raise DataError(f"{path}: non-finite encoder features at image {bad} ({file}, row {row})")
     if len(shards.labels) and (shards.labels.min() < 0 or shards.labels.max() >= max(shards.num_classes, 1)):
         raise DataError(f"{path}: labels outside [0, {shards.num_classes})")
     n = max(len(shards) * per_image, 1)
@@ -530,10 +655,13 @@ def merge_shard_parts(
     if not parts:
         raise ValueError("no part folders to merge")
     shared = ("format", "version", "latent_shape", "dtype", "vae", "image_size", "class_names", "shard_size")
+    shared += ("image_shape", "feature_shape", "feature_encoder")  # absent (None) in older parts
     for p, meta in zip(part_dirs, parts, strict=True):
         for key in shared:
-            if meta[key] != parts[0][key]:
-                raise ValueError(f"part {p} has {key}={meta[key]!r}, the first part has {parts[0][key]!r}")
+            if meta.get(key) != parts[0].get(key):
+                raise ValueError(
+                    f"part {p} has {key}={meta.get(key)!r}, the first part has {parts[0].get(key)!r}"
+                )
     index = {k: v for k, v in parts[0].items() if k not in ("shards", "count")}
     if channel_mean is not None:
         index["channel_mean"] = [float(v) for v in channel_mean]
@@ -552,7 +680,8 @@ def merge_shard_parts(
     for p, meta in zip(part_dirs, parts, strict=True):
         rel = os.path.relpath(Path(p), root)
         for s in meta["shards"]:
-            shards.append({**s, "moments": f"{rel}/{s['moments']}", "labels": f"{rel}/{s['labels']}"})
+            files = [kind for kind in ("moments", "labels", *EXTRA_KINDS) if kind in s]
+            shards.append({**s, **{kind: f"{rel}/{s[kind]}" for kind in files}})
     index["count"] = sum(s["count"] for s in shards)
     index["shards"] = shards
     path = root / INDEX_FILE
