@@ -34,6 +34,7 @@ from sit_lightning.models import SiT, SiTConfig  # noqa: E402
 from sit_lightning.module import SiTModule  # noqa: E402
 from sit_lightning.objective import TrainingObjective  # noqa: E402
 from sit_lightning.repa import IMAGENET_MEAN, IMAGENET_STD, RepaConfig  # noqa: E402
+from sit_lightning.sampling.presets import sampler_preset  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WIDTH = 8  # the tiny encoder's feature channels
@@ -342,5 +343,16 @@ def test_the_repa_config_is_the_papers_sit_xl_recipe() -> None:
     assert repa["projector_dim"] == 2048 and repa["feature_dim"] == 768
     assert repa["encoder"] == "dinov2.hub.backbones.dinov2_vitb14" and repa["encoder_resolution"] == 224
     assert repa["encoder_init_args"] == {"pretrained": False}  # offline: weights from encoder_weights
-    assert "sd-vae-ft-mse" in data["data_dir"]  # REPA's VAE (its preprocessing and decoder)
+    assert "sd-vae-ft-mse" in data["data_dir"]  # REPA's training latents (preprocessing/encoders.py)
+    assert data["repa_inputs"] == "image"  # the clean image, stored beside the latents, for the encoder
     RepaConfig(**repa)  # the resolved block is a valid config
+    # evaluation: REPA's README generate.py command as a preset, decoded with generate.py's --vae ema
+    (fid,) = [c["init_args"] for c in trainer["callbacks"] if c["class_path"].endswith("FIDCallback")]
+    assert fid["settings"] == "repa-sde-cfg1.8-interval"
+    settings = sampler_preset(fid["settings"])
+    assert settings.cfg_scale == 1.8 and settings.guidance_interval == pytest.approx((0.3, 1.0))
+    assert (settings.sampler, settings.steps, settings.guidance_channels) == ("sde", 250, None)
+    assert fid["decoder"] == "stabilityai/sd-vae-ft-ema" and fid["feature"] == "inception"
+    assert fid["num_samples"] == 50000 and fid["labels"] == "uniform"
+    classes = [c["class_path"].rsplit(".", 1)[1] for c in trainer["callbacks"]]
+    assert {"EMACallback", "AtomicModelCheckpoint", "FIDCallback"} <= set(classes)  # the base's, kept
