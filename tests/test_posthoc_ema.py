@@ -183,3 +183,42 @@ def test_the_module_loads_without_lightning() -> None:
     code = "import sys, sit_lightning.posthoc_ema; print(any(m.startswith('lightning') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_an_fsdp2_run_is_refused_with_one_precise_line(tmp_path: Path) -> None:
+    """Sharded (DTensor) parameters stop the callback at setup and at the start of training, naming the way out."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from sit_lightning.callbacks.posthoc_ema import FSDP2_REFUSAL, PostHocEMACallback
+
+    class _Module(torch.nn.Module):  # the parameters are all the callback reads at setup
+        def __init__(self, weight: torch.Tensor) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(weight)
+
+    class _Trainer:
+        log_dir = str(tmp_path)
+        default_root_dir = str(tmp_path)
+        global_step = 0
+
+    callback = PostHocEMACallback(snapshot_every=2)
+    plain = _Module(torch.ones(4, 3))
+    callback.setup(_Trainer(), plain, "fit")  # type: ignore[arg-type]  # precondition: plain tensors pass
+    assert not dist.is_initialized()
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        sharded = _Module(distribute_tensor(torch.ones(4, 3), mesh, [Shard(0)]))
+        for hook in (
+            lambda: callback.setup(_Trainer(), sharded, "fit"),
+            lambda: callback.on_train_start(_Trainer(), sharded),
+        ):  # type: ignore[arg-type]
+            with pytest.raises(ValueError) as err:
+                hook()
+            assert str(err.value) == FSDP2_REFUSAL and "\n" not in FSDP2_REFUSAL
+        assert "strategy ddp" in FSDP2_REFUSAL and "EMACallback is sharded" in FSDP2_REFUSAL
+    finally:
+        dist.destroy_process_group()

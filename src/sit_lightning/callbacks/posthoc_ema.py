@@ -18,8 +18,10 @@ the checkpoint grows by one float32 copy of the weights per track: 5.4 GB for Si
 device holds the same).
 
 Single device and DDP only: under DDP every rank updates an identical full copy and rank 0 writes.
-FSDP2 (DTensor parameters) is refused at setup: tracks sharded like :class:`EMACallback`'s are not
-built yet. This callback does not replace :class:`EMACallback`, which is the EMA validation and
+FSDP2 (DTensor parameters) is refused at setup and again at the start of training
+(:data:`FSDP2_REFUSAL`): the tracks here are full float32 copies that rank 0 writes, and tracks sharded
+like :class:`EMACallback`'s (each rank averaging and snapshotting its own shard, the synthesis reading
+the shards) are not built. This callback does not replace :class:`EMACallback`, which is the EMA validation and
 sampling use during training.
 """
 
@@ -42,12 +44,18 @@ from ..posthoc_ema import (
     snapshot_name,
 )
 
-__all__ = ["DEFAULT_SNAPSHOT_EVERY", "POSTHOC_EMA_FOLDER", "PostHocEMACallback"]
+__all__ = ["DEFAULT_SNAPSHOT_EVERY", "FSDP2_REFUSAL", "POSTHOC_EMA_FOLDER", "PostHocEMACallback"]
 
 #: Steps between snapshots: 20 snapshots over the paper's 400K-step runs (108 GB for SiT-XL, two tracks).
 DEFAULT_SNAPSHOT_EVERY = 20_000
 #: Folder under the trainer's log dir that holds the snapshots when ``snapshot_dir`` is None.
 POSTHOC_EMA_FOLDER = "posthoc_ema"
+#: Why an FSDP2 run stops (one line; docs/training.md, "Post-hoc EMA").
+FSDP2_REFUSAL = (
+    "PostHocEMACallback does not support FSDP2 (the parameters are sharded DTensors): its tracks are full "
+    "float32 copies of the weights on every rank, written by rank 0, and sharded tracks are not built; "
+    "train with strategy ddp, or leave this callback out (EMACallback is sharded under FSDP2)"
+)
 
 
 def _is_dtensor(t: Tensor) -> bool:
@@ -169,10 +177,7 @@ class PostHocEMACallback(Callback):
     # ---- hooks ---------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if any(_is_dtensor(p) for p in pl_module.parameters()):
-            raise ValueError(
-                "PostHocEMACallback supports single-device and DDP runs; under FSDP2 (sharded parameters) its"
-                " tracks are not sharded yet: train with DDP, or leave the callback out"
-            )
+            raise ValueError(FSDP2_REFUSAL)
         if self.snapshot_dir is not None:
             self._directory = Path(self.snapshot_dir)
         else:
@@ -181,7 +186,7 @@ class PostHocEMACallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A sharded strategy may wrap the parameters only after setup: check them again.
         if any(_is_dtensor(p) for p in pl_module.parameters()):
-            raise ValueError("PostHocEMACallback does not support FSDP2 (sharded parameters) yet; use DDP")
+            raise ValueError(FSDP2_REFUSAL)
         self._ensure(pl_module, trainer.global_step)
         if self._step != trainer.global_step:
             raise ValueError(
