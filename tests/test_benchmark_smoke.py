@@ -243,3 +243,31 @@ def test_sampler_error_vs_nfe_rows_orders_and_plot(
     table = capsys.readouterr().out
     assert all("| " + " | ".join(r.cells()) + " |" in table for r in rows)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_digits_repa_study_smoke_writes_both_arms_curves_and_the_posthoc_sweep(tmp_path: Path) -> None:
+    """benchmarks/digits_repa_study.py --smoke (a 2-block width-32 SiT, 4 steps, 20 samples): both arms are
+    trained and scored along the way and at the end (unguided and cfg 1.5), REPA changes the run, the
+    post-hoc EMA sweep synthesises each sigma_rel from the snapshots, and JSON, markdown and PNG are written."""
+    spec = importlib.util.spec_from_file_location(
+        "digits_repa_study", BENCHMARK.parent / "digits_repa_study.py"
+    )
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    assert bench.main(["--smoke", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [(r["arm"], r["seed"]) for r in rows] == [("base", 0), ("repa", 0)]
+    for row in rows:
+        assert [p["step"] for p in row["curve"]] == [2, 4] and row["steps"] == 4
+        assert [f["cfg"] for f in row["final"]] == [1.0, 1.5]
+        assert all(math.isfinite(f["fid"]) and 0 <= f["accuracy"] <= 1 for f in row["curve"] + row["final"])
+    base, repa = rows
+    assert base["final"][0]["fid"] != repa["final"][0]["fid"]  # the REPA term moved the weights
+    sweep = base["posthoc"]["sweep"]
+    assert [p["sigma_rel"] for p in sweep] == [0.03, 0.05] and "posthoc" not in repa
+    assert all(math.isfinite(p["fid"]) and 0 <= p["fit_error"] < 1 for p in sweep)
+    table = (tmp_path / "results.md").read_text()
+    assert "| repa | 0 |" in table and "| 0.05 |" in table
+    assert (tmp_path / "repa_digits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
