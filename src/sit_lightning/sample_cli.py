@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .convert_cli import LIGHTNING_SUFFIX, read_lightning, read_source
 from .errors import ConfigurationError
-from .evaluation.images import SD_VAE_SCALE, IdentityDecoder, LatentDecoder, make_decoder
+from .evaluation.images import IdentityDecoder, LatentDecoder, make_decoder
 from .evaluation.npz import RELEASED_UINT8, ChunkStore, released_uint8, sha256_file
 from .evaluation.sample_plan import LabelMode, sample_labels
 from .models.checkpoint import Which
@@ -169,7 +169,7 @@ def sample_images(
     batch_size: int = 64,
     decoder: str | None = None,
     latents: str | None = None,
-    vae_scale: float = SD_VAE_SCALE,
+    vae_scale: float | None = None,
     decode_batch_size: int = 32,
     which: Which = "ema",
     objective: TrainingObjective | None = None,
@@ -203,7 +203,8 @@ def sample_images(
         latents: the latent shard folder the model was trained on: its index's normalisation (scale, or
             per-channel mean and std) is undone before decoding. Without it samples are divided by
             ``vae_scale``.
-        vae_scale: the latent scale factor to undo when no ``latents`` folder is given.
+        vae_scale: the latent scale factor to undo when no ``latents`` folder is given (default
+            0.18215, ``SD_VAE_SCALE``).
         decode_batch_size: images per VAE decode call.
         which: ``ema`` (default) or ``model`` weights; a bare released state dict holds one set.
         objective: released files only: the path and prediction the weights were trained with

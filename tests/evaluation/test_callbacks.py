@@ -19,7 +19,7 @@ from sit_lightning.callbacks.sample_grid import SampleGridCallback
 from sit_lightning.data import DigitsDataModule
 from sit_lightning.evaluation.digits_classifier import DigitsFeatures
 from sit_lightning.evaluation.fid import FIDScorer, feature_statistics, frechet_distance, through_uint8
-from sit_lightning.evaluation.images import to_uint8
+from sit_lightning.evaluation.images import SD_VAE_SCALE, to_uint8
 from sit_lightning.models import SiTConfig
 from sit_lightning.module import SiTModule
 from sit_lightning.randomness import keyed_randn
@@ -160,3 +160,115 @@ def test_final_report_says_where_and_how_good(fitted):
     assert "conditional accuracy" in report and "FID floor" in report
     acc = next(r.conditional_accuracy for _, r in fid.history if r.cfg_scale == 1.0)
     assert f"{100 * acc:6.2f}%" in report
+
+
+# ---- latent data: the decoder undoes the shards' own normalisation ---------------------------------
+LATENT_MEAN, LATENT_STD = (0.3, -0.2, 0.5, 0.1), (2.0, 0.5, 1.5, 3.0)
+
+
+def _latent_shards(folder, normalization: str = "channel"):
+    """16 latents (4x4x4, 2 classes); per-channel statistics (or the SD scale) in the index."""
+    from sit_lightning.data.shards import LatentShardWriter
+
+    stats = dict(channel_mean=LATENT_MEAN, channel_std=LATENT_STD) if normalization == "channel" else {}
+    writer = LatentShardWriter(
+        folder, (4, 4, 4), vae_id="tiny", class_names=["a", "b"], normalization=normalization, **stats
+    )
+    mean = np.random.default_rng(0).normal(size=(16, 4, 4, 4)).astype(np.float32)
+    std = np.full_like(mean, 0.1)
+    writer.add(mean, std, mean[..., ::-1], std, np.arange(16) % 2)
+    writer.close()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def latent_fit(tmp_path_factory):
+    """Two steps on channel-normalised latent shards with a grid decoded by a tiny VAE (no latents given)."""
+    from sit_lightning.data import LatentDataModule
+    from tiny_vae import save_tiny_vae
+
+    root = tmp_path_factory.mktemp("latent_fit")
+    vae_dir = save_tiny_vae(root / "vae", sample_size=8)
+    shards = _latent_shards(root / "shards")
+    module = SiTModule(
+        arch=SiTConfig(
+            input_size=4, in_channels=4, num_classes=2, learn_sigma=False,
+            depth=1, hidden_size=32, num_heads=2, patch_size=2,
+        ),
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
+    )  # fmt: skip
+    grid = SampleGridCallback(
+        every_n_steps=0,
+        num_per_class=PER_CLASS,
+        seed=3,
+        decoder=str(vae_dir),
+        settings=SamplerSettings(**SAMPLER),
+    )
+    datamodule = LatentDataModule(str(shards), global_batch_size=8, num_workers=0, pin_memory=False)
+    trainer = Trainer(
+        max_steps=2, accelerator="cpu", devices=1, logger=False, callbacks=[grid], enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, default_root_dir=root,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=datamodule)
+    return module, trainer, grid, datamodule, vae_dir
+
+
+def test_the_grid_decodes_latents_undoing_the_shards_channel_statistics(latent_fit):
+    from diffusers import AutoencoderKL
+
+    from sit_lightning.evaluation.images import LatentNormalization
+
+    module, _, grid, _, vae_dir = latent_fit
+    expected_normalization = LatentNormalization("channel", channel_mean=LATENT_MEAN, channel_std=LATENT_STD)
+    assert grid.decoder.normalization == expected_normalization  # taken from the trainer's datamodule
+    labels = torch.arange(2).repeat_interleave(PER_CLASS)
+    samples = module.sample(labels, seed=3, **SAMPLER).samples
+    noise = module.sample_noise(torch.arange(len(labels)), seed=3)
+    assert (samples - noise).abs().mean() > 0.01, "PRECONDITION: the trained network moves the noise"
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    std = torch.tensor(LATENT_STD).view(-1, 1, 1)
+    mean = torch.tensor(LATENT_MEAN).view(-1, 1, 1)
+    with torch.no_grad():
+        expected = to_uint8(vae.decode(samples * std + mean).sample)  # the exact inverse of (z - mean) / std
+        scale_only = to_uint8(vae.decode(samples / SD_VAE_SCALE).sample)
+    png = torch.from_numpy(np.array(Image.open(grid.last_path))).permute(2, 0, 1)  # (3, H, W)
+    cell, pad = 8, 1
+    assert png.shape == (3, 2 * (cell + pad) + pad, PER_CLASS * (cell + pad) + pad)
+    tops = [pad + (i // PER_CLASS) * (cell + pad) for i in range(len(labels))]
+    lefts = [pad + (i % PER_CLASS) * (cell + pad) for i in range(len(labels))]
+    cells = [png[:, top : top + cell, left : left + cell] for top, left in zip(tops, lefts, strict=True)]
+    assert torch.equal(torch.stack(cells), expected)
+    assert not torch.equal(torch.stack(cells), scale_only), "dividing by the SD scale alone decodes wrongly"
+
+
+def test_fid_callback_takes_the_shards_normalisation_too(latent_fit):
+    module, trainer, grid, _, vae_dir = latent_fit
+    fid = FIDCallback(decoder=str(vae_dir), feature=torch.nn.Identity(), reference_stats="unused.pt")
+    fid.setup(trainer, module, "fit")
+    assert fid.decoder.normalization == grid.decoder.normalization
+    assert fid.decoder.normalization.kind == "channel"
+
+
+def test_a_decoder_normalisation_that_disagrees_with_the_shards_is_refused(latent_fit, tmp_path):
+    from sit_lightning.errors import ConfigurationError
+    from sit_lightning.evaluation.images import AutoencoderKLDecoder
+
+    module, _, _, datamodule, vae_dir = latent_fit
+    scale_shards = _latent_shards(tmp_path / "scaled", normalization="scale")
+    agreeing = SampleGridCallback(decoder=AutoencoderKLDecoder(str(vae_dir), latents=datamodule.data_dir))
+    agreeing.match_training_data(datamodule)  # the same statistics: accepted
+    for given in (
+        AutoencoderKLDecoder(str(vae_dir), latents=str(scale_shards)),
+        AutoencoderKLDecoder(str(vae_dir), scale=0.5),
+    ):
+        with pytest.raises(ConfigurationError, match=r"scale.*but SampleGridCallback: the trainer's Latent"):
+            SampleGridCallback(decoder=given).match_training_data(datamodule)
+    # in a fit, before the first step
+    trainer = Trainer(
+        max_steps=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        callbacks=[SampleGridCallback(decoder=str(vae_dir), latent_scale=0.5)],
+    )  # fmt: skip
+    with pytest.raises(ConfigurationError, match=r"\(scale=0.5\).*channel_mean"):
+        trainer.fit(copy.deepcopy(module), datamodule=datamodule)
+    assert trainer.global_step == 0

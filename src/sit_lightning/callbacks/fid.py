@@ -45,7 +45,7 @@ from ..evaluation.images import LatentDecoder
 from ..evaluation.sample_plan import LabelMode, rank_share, sample_labels
 from ..sampling import SamplerSettings
 from ..sampling.presets import SamplerPresetName
-from .periodic import DEFAULT_LATENT_SCALE, DEFAULT_SETTINGS, PeriodicSamplingCallback
+from .periodic import DEFAULT_SETTINGS, PeriodicSamplingCallback
 from .sample_grid import SampleGridCallback, log_dir_of
 
 __all__ = ["FIDCallback", "SampleQuality", "conditional_accuracy"]
@@ -118,7 +118,8 @@ class FIDCallback(PeriodicSamplingCallback):
         cache_dir: where the classifier and reference statistics are cached; default
             ``<default_root_dir>/eval_cache``.
         decoder: None for pixel data; a diffusers ``AutoencoderKL`` path/hub id for latents.
-        latent_scale: scale factor of stored latents (VAE decoding only).
+        latent_scale: scale factor of stored latents (VAE decoding only); None: the normalisation of
+            the trainer's ``LatentDataModule`` shards, else ``SD_VAE_SCALE``.
         use_ema: sample with the EMA weights.
         report: print a summary (log dir, sample grid, scores, wall time) at the end of training.
     """
@@ -137,7 +138,7 @@ class FIDCallback(PeriodicSamplingCallback):
         floor: bool | None = None,
         cache_dir: str | None = None,
         decoder: str | LatentDecoder | None = None,
-        latent_scale: float = DEFAULT_LATENT_SCALE,
+        latent_scale: float | None = None,
         use_ema: bool = True,
         report: bool = True,
     ) -> None:
@@ -277,6 +278,7 @@ class FIDCallback(PeriodicSamplingCallback):
         # the callback evaluates during fit only; fail now rather than after hours of training
         if stage == "fit":
             self.check_datamodule(trainer.datamodule)
+        super().setup(trainer, pl_module, stage)  # the decoder takes the latent shards' normalisation
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fit_start = time.perf_counter()

@@ -6,6 +6,11 @@
 parsed), the keyed sample plan (:func:`~sit_lightning.evaluation.sample_plan.generate`), the decoder
 and the EMA switch. A subclass implements :meth:`~PeriodicSamplingCallback.run`.
 
+When the fit starts, a VAE decoder takes the normalisation of the trainer's
+:class:`~sit_lightning.data.LatentDataModule` shards (scale, or per-channel mean and std), so that
+samples decode exactly as the shards were normalised; one given by hand (``latent_scale``, or the
+decoder's ``latents``) that disagrees with the shards stops the fit.
+
 The final run happens in ``on_train_end``, not ``on_fit_end``: Lightning's teardown, which moves the
 module to the CPU, runs between the two, and the samples must be drawn on the training device.
 Anything that only reports on finished runs (the FID report) belongs in ``on_fit_end``, after every
@@ -21,14 +26,22 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from ..evaluation.images import SD_VAE_SCALE, LatentDecoder, make_decoder
+from ..data.latent_datamodule import LatentDataModule
+from ..evaluation.images import (
+    SD_VAE_SCALE,
+    AutoencoderKLDecoder,
+    LatentDecoder,
+    LatentNormalization,
+    make_decoder,
+)
 from ..evaluation.sample_plan import generate
 from ..sampling import SamplerSettings
 from ..sampling.presets import SamplerPresetName, sampler_preset
 
 __all__ = ["DEFAULT_LATENT_SCALE", "DEFAULT_SETTINGS", "PeriodicSamplingCallback"]
 
-#: The SD VAE's latent scale (latents were stored as ``z * SD_VAE_SCALE``).
+#: The SD VAE's latent scale (latents were stored as ``z * SD_VAE_SCALE``): what a VAE decoder undoes
+#: when neither ``latent_scale`` nor the trainer's latent shards say otherwise.
 DEFAULT_LATENT_SCALE = SD_VAE_SCALE
 #: The callbacks' default sampler: ``SamplerSettings()`` itself (Heun ODE, 125 steps, 250 NFE per image),
 #: so that a YAML ``settings:`` mapping means exactly ``SamplerSettings(**mapping)``: jsonargparse fills
@@ -51,7 +64,8 @@ class PeriodicSamplingCallback(Callback):
         batch_size: samples per sampler call (results do not depend on it).
         decoder: None for pixel-space data; a path or hub id of a diffusers ``AutoencoderKL`` for
             latents (loaded on first use), or a :class:`LatentDecoder`.
-        latent_scale: scale factor the latents were stored with (VAE decoding only).
+        latent_scale: scale factor the latents were stored with (VAE decoding only); None: the
+            normalisation of the trainer's ``LatentDataModule`` shards, else ``SD_VAE_SCALE``.
         use_ema: sample with the EMA weights (when an ``EMACallback`` is attached).
     """
 
@@ -62,7 +76,7 @@ class PeriodicSamplingCallback(Callback):
         settings: SamplerSettings | SamplerPresetName = DEFAULT_SETTINGS,
         batch_size: int = 256,
         decoder: str | LatentDecoder | None = None,
-        latent_scale: float = DEFAULT_LATENT_SCALE,
+        latent_scale: float | None = None,
         use_ema: bool = True,
     ) -> None:
         if every_n_steps < 0:
@@ -109,6 +123,26 @@ class PeriodicSamplingCallback(Callback):
             seed=self.seed,
             use_ema=self.use_ema,
         )
+
+    def match_training_data(self, datamodule: object | None) -> None:
+        """Give a VAE decoder the normalisation of ``datamodule``'s latent shards (see the module doc).
+
+        Nothing to do for pixel data, a decoder of your own, or a data module other than
+        ``LatentDataModule``.
+
+        Raises:
+            ConfigurationError: the decoder's ``latents`` / ``latent_scale`` disagree with the shards.
+        """
+        if not isinstance(self.decoder, AutoencoderKLDecoder) or not isinstance(datamodule, LatentDataModule):
+            return
+        shards = LatentNormalization.from_index(datamodule.shards.index)
+        source = f"{type(self).__name__}: the trainer's LatentDataModule shards ({datamodule.data_dir})"
+        self.decoder.match_training_data(shards, source)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # before the first step: a decoder that would decode wrongly must not wait for the first grid
+        if stage == "fit":
+            self.match_training_data(trainer.datamodule)
 
     def due(self, step: int) -> bool:
         """Whether the periodic schedule runs at optimizer step ``step`` (and has not yet)."""

@@ -19,7 +19,7 @@ from ..evaluation.images import LatentDecoder, image_grid, save_png, to_uint8
 from ..evaluation.sample_plan import rank_share
 from ..sampling import SamplerSettings
 from ..sampling.presets import SamplerPresetName
-from .periodic import DEFAULT_LATENT_SCALE, DEFAULT_SETTINGS, PeriodicSamplingCallback
+from .periodic import DEFAULT_SETTINGS, PeriodicSamplingCallback
 
 __all__ = ["SampleGridCallback", "log_dir_of"]
 
@@ -51,7 +51,8 @@ class SampleGridCallback(PeriodicSamplingCallback):
         batch_size: samples per sampler call (the grid does not depend on it).
         decoder: None for pixel-space data; a path or hub id of a diffusers ``AutoencoderKL`` for
             latents (loaded on first use), or a :class:`LatentDecoder`.
-        latent_scale: scale factor the latents were stored with (VAE decoding only).
+        latent_scale: scale factor the latents were stored with (VAE decoding only); None: the
+            normalisation of the trainer's ``LatentDataModule`` shards, else ``SD_VAE_SCALE``.
         use_ema: sample with the EMA weights (when an ``EMACallback`` is attached).
         upscale: integer nearest-neighbour upscaling of each cell in the PNG and TensorBoard image
             (8x8 digits are hard to see otherwise).
@@ -68,7 +69,7 @@ class SampleGridCallback(PeriodicSamplingCallback):
         nrow: int | None = None,
         batch_size: int = 256,
         decoder: str | LatentDecoder | None = None,
-        latent_scale: float = DEFAULT_LATENT_SCALE,
+        latent_scale: float | None = None,
         use_ema: bool = True,
         upscale: int = 1,
         tag: str = "samples",

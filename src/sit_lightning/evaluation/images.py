@@ -5,6 +5,8 @@ No torchvision: the grid is a few tensor ops and the PNG goes through Pillow.
 Latents are decoded after undoing the normalisation training applied (:class:`LatentNormalization`):
 ``z * scale`` (the SD-VAE convention, :data:`SD_VAE_SCALE`) or per channel ``(z - mean) / std``, as the
 latent shard index records it (``normalization``, ``scale_factor``, ``channel_mean``, ``channel_std``).
+The sampling callbacks hand the decoder the normalisation of the trainer's latent shards
+(:meth:`AutoencoderKLDecoder.match_training_data`); one given by hand must agree with it.
 
 Pixel convention: the model's pixel-space data and a VAE's decoded output are floats in [-1, 1];
 :func:`to_uint8` maps them to 0..255 (clamping first, as the released ``sample.py`` does).
@@ -21,6 +23,8 @@ from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
+
+from ..errors import ConfigurationError
 
 __all__ = [
     "SD_VAE_SCALE",
@@ -240,14 +244,16 @@ class IdentityDecoder(LatentDecoder):
 class AutoencoderKLDecoder(LatentDecoder):
     """diffusers ``AutoencoderKL`` decode of the de-normalised samples (the SD VAE of SiT), loaded on first use.
 
-    The samples are mapped back to VAE latents with :class:`LatentNormalization` (default: divide by
-    :data:`SD_VAE_SCALE`, as the released ``sample.py`` does); give ``latents`` (the shard folder the
-    model was trained on) to undo whatever its index records, per-channel statistics included.
+    The samples are mapped back to VAE latents with :class:`LatentNormalization`: the one ``latents`` (the
+    shard folder the model was trained on) or ``scale`` names, else the training data's (a sampling
+    callback passes the trainer's latent shards to :meth:`match_training_data`), else division by
+    :data:`SD_VAE_SCALE`, as the released ``sample.py`` does.
 
     Args:
         pretrained: a local folder or hub id for ``AutoencoderKL.from_pretrained`` (e.g.
             ``stabilityai/sd-vae-ft-ema``); with ``HF_HUB_OFFLINE=1`` it must be in the local cache.
-        scale: the latent scale factor the latents were stored with (used without ``latents``).
+        scale: the latent scale factor the latents were stored with; None: the training data's, or
+            :data:`SD_VAE_SCALE`.
         batch_size: images decoded per VAE call (bounds the decoder's memory).
         latents: a latent shard folder (or its ``index.json``) whose normalisation to undo, or a
             :class:`LatentNormalization`; replaces ``scale``.
@@ -256,20 +262,44 @@ class AutoencoderKLDecoder(LatentDecoder):
     def __init__(
         self,
         pretrained: str,
-        scale: float = SD_VAE_SCALE,
+        scale: float | None = None,
         batch_size: int = 32,
         latents: str | LatentNormalization | None = None,
     ) -> None:
-        if not scale > 0:
+        if scale is not None and not scale > 0:
             raise ValueError(f"scale must be > 0; got {scale}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {batch_size}")
-        if latents is not None and scale != SD_VAE_SCALE:
+        if latents is not None and scale is not None:
             raise ValueError(f"give either scale ({scale}) or latents ({latents!r}), not both")
         self.pretrained = pretrained
-        self.normalization = _normalization(latents, scale)
+        self.normalization = _normalization(latents, SD_VAE_SCALE if scale is None else scale)
+        #: what set :attr:`normalization` by hand (for messages); None: the default, open to the data's
+        self.given: str | None = (
+            f"latents={str(latents)!r}"
+            if latents is not None
+            else None
+            if scale is None
+            else f"scale={scale}"
+        )
         self.batch_size = int(batch_size)
         self._vae: Any = None
+
+    def match_training_data(self, normalization: LatentNormalization, source: str) -> None:
+        """Undo ``normalization``, the one the training data were stored with (``source`` names them).
+
+        Without ``latents`` or ``scale`` the decoder takes it; with them they must agree.
+
+        Raises:
+            ConfigurationError: the normalisation given by hand differs from the data's.
+        """
+        if self.given is not None and self.normalization != normalization:
+            raise ConfigurationError(
+                f"the VAE decoder undoes {self.normalization.describe()} ({self.given}), but {source} "
+                f"hold latents normalised with {normalization.describe()}: drop latents / scale to use "
+                "the data's, or give the shard folder the model trains on"
+            )
+        self.normalization = normalization
 
     @property
     def scale(self) -> float | None:
@@ -305,7 +335,7 @@ def _normalization(latents: str | Path | LatentNormalization | None, scale: floa
 
 def make_decoder(
     decoder: str | LatentDecoder | None,
-    scale: float = SD_VAE_SCALE,
+    scale: float | None = None,
     latents: str | LatentNormalization | None = None,
 ) -> LatentDecoder:
     """``None`` -> :class:`IdentityDecoder`; a path or hub id -> :class:`AutoencoderKLDecoder`; a decoder as is.
@@ -316,6 +346,8 @@ def make_decoder(
     if decoder is None or isinstance(decoder, LatentDecoder):
         if latents is not None:
             raise ValueError(f"latents={latents!r} applies to a VAE decoder given by path or hub id")
+        if scale is not None:
+            raise ValueError(f"scale={scale} applies to a VAE decoder given by path or hub id")
         return IdentityDecoder() if decoder is None else decoder
     if isinstance(decoder, str):
         return AutoencoderKLDecoder(decoder, scale=scale, latents=latents)
