@@ -24,6 +24,8 @@ import datetime
 import platform
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -147,6 +149,25 @@ def _versions(decoder: LatentDecoder) -> dict[str, str]:
     return found
 
 
+@contextmanager
+def tf32_matmuls(enabled: bool) -> Iterator[None]:
+    """``torch.backends.cuda.matmul.allow_tf32 = enabled`` inside the block, as the released
+    ``sample_ddp.py`` sets it (``--tf32``, default on; the cuDNN flag stays PyTorch's), restored after.
+
+    TF32 rounds float32 matmul inputs to a 10-bit mantissa on Ampere and later GPUs; it does not touch
+    CPU arithmetic.
+    """
+    matmul = torch.backends.cuda.matmul
+    # PyTorch >= 2.9 keeps the state in fp32_precision ("none" / "ieee" / "tf32"); allow_tf32 writes it
+    field = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
+    before = getattr(matmul, field)
+    matmul.allow_tf32 = bool(enabled)
+    try:
+        yield
+    finally:
+        setattr(matmul, field, before)
+
+
 def _describe_decoder(decoder: LatentDecoder) -> dict[str, Any]:
     if isinstance(decoder, IdentityDecoder):
         return {"kind": "none (pixel-space samples)"}
@@ -175,6 +196,7 @@ def sample_images(
     objective: TrainingObjective | None = None,
     num_heads: int | None = None,
     precision: Precision = "32-true",
+    tf32: bool = True,
     compile: bool = False,
     accelerator: str = "auto",
     devices: int | str = "auto",
@@ -211,6 +233,8 @@ def sample_images(
             (default: Linear path, velocity prediction, the released default). A ``.ckpt`` stores its own.
         num_heads: released files only, for an architecture that is no preset.
         precision: ``32-true``, or ``bf16-mixed`` (autocast of the network; decoding stays float32).
+        tf32: TF32 matmuls on CUDA (``torch.backends.cuda.matmul.allow_tf32``) while sampling, as the
+            released ``sample_ddp.py`` (``--tf32``, default on); restored afterwards. Recorded in the JSON.
         compile: ``torch.compile`` the network.
         accelerator: Lightning accelerator (``auto``, ``cuda``, ``cpu``).
         devices: devices (processes) per node; ``auto``: every visible GPU (one process on a CPU).
@@ -248,107 +272,109 @@ def sample_images(
     checkpoint_path = Path(checkpoint)
     the_decoder = make_decoder(decoder, vae_scale, latents)
 
-    fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, precision=precision)
-    fabric.launch()
-    loaded = _load(checkpoint_path, which, objective, num_heads)
-    module = loaded.module
-    channels = module.config.in_channels
-    if isinstance(the_decoder, IdentityDecoder) and channels not in (1, 3):
-        raise ConfigurationError(
-            f"the model makes {channels}-channel samples, latents rather than images: give --decoder "
-            "(a diffusers AutoencoderKL folder or hub id, e.g. stabilityai/sd-vae-ft-ema)"
-        )
-    module = module.to(fabric.device).eval()
-    # The labels are made here, in range; the network's check would cost a host sync per forward on a GPU.
-    module.network.check_label_range = fabric.device.type != "cuda"
-    if compile:
-        module.network.compile()
+    with tf32_matmuls(tf32):  # the released sample_ddp.py's flag, restored for the caller
+        fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, precision=precision)
+        fabric.launch()
+        loaded = _load(checkpoint_path, which, objective, num_heads)
+        module = loaded.module
+        channels = module.config.in_channels
+        if isinstance(the_decoder, IdentityDecoder) and channels not in (1, 3):
+            raise ConfigurationError(
+                f"the model makes {channels}-channel samples, latents rather than images: give --decoder "
+                "(a diffusers AutoencoderKL folder or hub id, e.g. stabilityai/sd-vae-ft-ema)"
+            )
+        module = module.to(fabric.device).eval()
+        # The labels are made here, in range; the network's check would cost a host sync per forward on a GPU.
+        module.network.check_label_range = fabric.device.type != "cuda"
+        if compile:
+            module.network.compile()
 
-    plan: dict[str, Any] = {
-        "format": METADATA_FORMAT,
-        "version": METADATA_VERSION,
-        "num_samples": num_samples,
-        "chunk_size": chunk_size,
-        "seed": seed,
-        "labels": labels,
-        "num_classes": module.network.num_classes,
-        "settings": dataclasses.asdict(settings),
-        "checkpoint_sha256": None,  # rank 0 fills it in
-        "weights": loaded.weights,
-        "objective": repr(module.objective),
-        "decoder": _describe_decoder(the_decoder),
-        "precision": precision,
-        "compile": compile,
-        "device_type": fabric.device.type,
-        "versions": _versions(the_decoder),
-    }
-    if settings.adaptive:  # then the batch shapes the pixels, and a resume must keep it
-        plan["batch_size"] = batch_size
-
-    # Rank 0 reads and writes the bookkeeping; every rank learns the outcome (or the error) from it.
-    state: tuple[str, Any] = ("", None)
-    if fabric.global_rank == 0:
-        try:
-            plan["checkpoint_sha256"] = sha256_file(checkpoint_path)
-            if store.is_complete(plan):
-                state = ("complete", [])
-            else:
-                if store.output.exists() and not overwrite:
-                    raise ConfigurationError(
-                        f"{store.output} exists and was made with other settings (see {store.metadata_path.name}); "
-                        "pass --overwrite true to replace it, or choose another output"
-                    )
-                state = ("run", store.open(plan, discard_other=overwrite))
-        except Exception as error:
-            state = ("error", f"{type(error).__name__}: {error}")
-    state = fabric.broadcast(state, src=0)
-    plan = fabric.broadcast(plan, src=0)
-    if state[0] == "error":
-        raise ConfigurationError(state[1])
-    pending: list[int] = state[1]
-    mine = pending[fabric.global_rank :: fabric.world_size]
-
-    total = sum(len(store.chunk_indices(k)) for k in mine)
-    bar = None
-    if progress and fabric.global_rank == 0 and total:
-        from tqdm import tqdm
-
-        where = "" if fabric.world_size == 1 else f" (rank 0 of {fabric.world_size})"
-        bar = tqdm(total=total, unit="img", desc=f"sample{where}", dynamic_ncols=True, file=sys.stderr)
-    start = time.perf_counter()
-    for chunk in mine:
-        indices = store.chunk_indices(chunk)
-        chunk_labels = sample_labels(indices, module.network.num_classes, labels, seed)
-        images = []
-        for idx, lab in zip(indices.split(batch_size), chunk_labels.split(batch_size), strict=True):
-            images.append(_sample_batch(fabric, module, the_decoder, settings, seed, idx, lab))
-            if bar is not None:
-                bar.update(len(idx))
-        store.write_chunk(chunk, np.concatenate(images), chunk_labels.numpy())
-    seconds = time.perf_counter() - start
-    if bar is not None:
-        bar.close()
-    fabric.barrier()
-    if fabric.global_rank == 0 and state[0] == "run":
-        metadata = {
-            **plan,
-            "checkpoint": {
-                "path": str(checkpoint_path),
-                "kind": loaded.kind,
-                "arch": dataclasses.asdict(module.config),
-            },
-            "settings_description": settings.describe(),
-            "nfe_per_image": settings.nfe_per_image(),
-            "batch_size": batch_size,
-            "world_size": fabric.world_size,
-            "resumed_chunks": store.num_chunks - len(pending),
-            "uint8": RELEASED_UINT8,
-            "finished_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        plan: dict[str, Any] = {
+            "format": METADATA_FORMAT,
+            "version": METADATA_VERSION,
+            "num_samples": num_samples,
+            "chunk_size": chunk_size,
+            "seed": seed,
+            "labels": labels,
+            "num_classes": module.network.num_classes,
+            "settings": dataclasses.asdict(settings),
+            "checkpoint_sha256": None,  # rank 0 fills it in
+            "weights": loaded.weights,
+            "objective": repr(module.objective),
+            "decoder": _describe_decoder(the_decoder),
+            "precision": precision,
+            "tf32": tf32,
+            "compile": compile,
+            "device_type": fabric.device.type,
+            "versions": _versions(the_decoder),
         }
-        store.assemble(metadata)
-    fabric.barrier()
-    made = sum(len(store.chunk_indices(k)) for k in pending)
-    return SampleRun(store.output, store.metadata_path, num_samples, made, seconds)
+        if settings.adaptive:  # then the batch shapes the pixels, and a resume must keep it
+            plan["batch_size"] = batch_size
+
+        # Rank 0 reads and writes the bookkeeping; every rank learns the outcome (or the error) from it.
+        state: tuple[str, Any] = ("", None)
+        if fabric.global_rank == 0:
+            try:
+                plan["checkpoint_sha256"] = sha256_file(checkpoint_path)
+                if store.is_complete(plan):
+                    state = ("complete", [])
+                else:
+                    if store.output.exists() and not overwrite:
+                        raise ConfigurationError(
+                            f"{store.output} exists and was made with other settings (see {store.metadata_path.name}); "
+                            "pass --overwrite true to replace it, or choose another output"
+                        )
+                    state = ("run", store.open(plan, discard_other=overwrite))
+            except Exception as error:
+                state = ("error", f"{type(error).__name__}: {error}")
+        state = fabric.broadcast(state, src=0)
+        plan = fabric.broadcast(plan, src=0)
+        if state[0] == "error":
+            raise ConfigurationError(state[1])
+        pending: list[int] = state[1]
+        mine = pending[fabric.global_rank :: fabric.world_size]
+
+        total = sum(len(store.chunk_indices(k)) for k in mine)
+        bar = None
+        if progress and fabric.global_rank == 0 and total:
+            from tqdm import tqdm
+
+            where = "" if fabric.world_size == 1 else f" (rank 0 of {fabric.world_size})"
+            bar = tqdm(total=total, unit="img", desc=f"sample{where}", dynamic_ncols=True, file=sys.stderr)
+        start = time.perf_counter()
+        for chunk in mine:
+            indices = store.chunk_indices(chunk)
+            chunk_labels = sample_labels(indices, module.network.num_classes, labels, seed)
+            images = []
+            for idx, lab in zip(indices.split(batch_size), chunk_labels.split(batch_size), strict=True):
+                images.append(_sample_batch(fabric, module, the_decoder, settings, seed, idx, lab))
+                if bar is not None:
+                    bar.update(len(idx))
+            store.write_chunk(chunk, np.concatenate(images), chunk_labels.numpy())
+        seconds = time.perf_counter() - start
+        if bar is not None:
+            bar.close()
+        fabric.barrier()
+        if fabric.global_rank == 0 and state[0] == "run":
+            metadata = {
+                **plan,
+                "checkpoint": {
+                    "path": str(checkpoint_path),
+                    "kind": loaded.kind,
+                    "arch": dataclasses.asdict(module.config),
+                },
+                "settings_description": settings.describe(),
+                "nfe_per_image": settings.nfe_per_image(),
+                "batch_size": batch_size,
+                "world_size": fabric.world_size,
+                "resumed_chunks": store.num_chunks - len(pending),
+                "uint8": RELEASED_UINT8,
+                "finished_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            }
+            store.assemble(metadata)
+        fabric.barrier()
+        made = sum(len(store.chunk_indices(k)) for k in pending)
+        return SampleRun(store.output, store.metadata_path, num_samples, made, seconds)
 
 
 @torch.no_grad()

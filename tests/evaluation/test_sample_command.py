@@ -295,3 +295,39 @@ def test_bf16_samples_are_recorded_and_near_the_float32_ones(pixel_run):
     bf16 = read_adm_npz(out).images.astype(np.float64)
     fp32 = read_adm_npz(pixel_run["out"]).images[:CHUNK].astype(np.float64)
     assert 0 < np.abs(bf16 - fp32).mean() < 4  # autocast changed the arithmetic, not the images
+
+
+def test_tf32_matmuls_are_on_while_sampling_recorded_and_restored(pixel_run, monkeypatch):
+    """``--tf32`` (default on, as the released sample_ddp.py) reaches torch.backends while the samples are
+    drawn, goes into the JSON, and the caller's setting comes back afterwards."""
+    from sit_lightning import sample_cli
+
+    matmul = torch.backends.cuda.matmul
+    seen: list[bool] = []
+    original = sample_cli._sample_batch
+
+    def spy(*args, **kwargs):
+        seen.append(matmul.allow_tf32)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(sample_cli, "_sample_batch", spy)
+    field = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
+    before = getattr(matmul, field)
+    try:
+        out = pixel_run["folder"] / "tf32_default.npz"
+        sample_cli.sample_images(str(pixel_run["checkpoint"]), str(out), num_samples=CHUNK, settings=SETTINGS,
+                                 labels="balanced", chunk_size=CHUNK, accelerator="cpu", devices=1,
+                                 progress=False)  # fmt: skip
+        assert seen == [True] and getattr(matmul, field) == before
+        assert json.loads(out.with_suffix(".json").read_text())["tf32"] is True
+        matmul.allow_tf32 = True  # the caller's setting; the command turns it off and back on
+        on = getattr(matmul, field)
+        out = pixel_run["folder"] / "tf32_off.npz"
+        run_sample(pixel_run["checkpoint"], out, "--num_samples", CHUNK, "--settings", SETTINGS_ARG,
+                   "--labels", "balanced", "--chunk_size", CHUNK, "--tf32", "false")  # fmt: skip
+        assert seen == [True, False] and getattr(matmul, field) == on
+        assert json.loads(out.with_suffix(".json").read_text())["tf32"] is False
+        # on a CPU the flag changes nothing: the same pixels as the reference run's first chunk
+        np.testing.assert_array_equal(read_adm_npz(out).images, read_adm_npz(pixel_run["out"]).images[:CHUNK])
+    finally:
+        setattr(matmul, field, before)
