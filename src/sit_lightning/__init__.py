@@ -44,6 +44,7 @@ _LAZY = {
     "SampleGridCallback": "sit_lightning.callbacks",
     "FIDCallback": "sit_lightning.callbacks",
     "ThroughputCallback": "sit_lightning.callbacks",
+    "TrainingPlotsCallback": "sit_lightning.callbacks",
     "PreemptionCallback": "sit_lightning.callbacks",
     "AtomicModelCheckpoint": "sit_lightning.checkpoint_io",
 }

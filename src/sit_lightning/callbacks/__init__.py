@@ -1,5 +1,5 @@
 """Lightning callbacks: EMA of the weights, sample grids and FID during training (both on
-:class:`PeriodicSamplingCallback`), throughput / MFU, preemption."""
+:class:`PeriodicSamplingCallback`), the loss curve and ``L_t`` plots, throughput / MFU, preemption."""
 
 from .ema import PAPER_EMA_DECAY, EMACallback
 from .fid import FIDCallback
@@ -8,6 +8,7 @@ from .posthoc_ema import PostHocEMACallback
 from .preemption import PREEMPTED_EXIT_STATUS, PreemptionCallback
 from .sample_grid import SampleGridCallback
 from .throughput import ThroughputCallback
+from .training_plots import TrainingPlotsCallback
 
 __all__ = [
     "EMACallback",
@@ -19,4 +20,5 @@ __all__ = [
     "PreemptionCallback",
     "SampleGridCallback",
     "ThroughputCallback",
+    "TrainingPlotsCallback",
 ]

@@ -47,6 +47,7 @@ from ..sampling import SamplerSettings
 from ..sampling.presets import SamplerPresetName
 from .periodic import DEFAULT_SETTINGS, PeriodicSamplingCallback
 from .sample_grid import SampleGridCallback, log_dir_of
+from .training_plots import TrainingPlotsCallback
 
 __all__ = ["FIDCallback", "SampleQuality", "conditional_accuracy"]
 
@@ -57,6 +58,8 @@ _FOR_REFERENCE = (
     "FIDCallback without reference_stats (to compute the reference statistics from real held-out images)"
 )
 _FOR_FLOOR = "FIDCallback(floor=True) (to score the real training images against the reference)"
+#: how the report names the PNGs of TrainingPlotsCallback
+_PLOT_NAMES = {"loss_curve": "loss curve", "loss_profile": "loss profile L_t"}
 
 
 class SampleQuality(NamedTuple):
@@ -308,7 +311,7 @@ class FIDCallback(PeriodicSamplingCallback):
         fit_seconds: float | None = None,
         total_seconds: float | None = None,
     ) -> str:
-        """The end-of-fit report: where the logs and grid are, the scores and the wall time."""
+        """The end-of-fit report: where the logs, grid and loss plots are, the scores and the wall time."""
         log_dir = log_dir_of(trainer)
         grids = [
             cb.last_path for cb in trainer.callbacks if isinstance(cb, SampleGridCallback) and cb.last_path
@@ -318,6 +321,9 @@ class FIDCallback(PeriodicSamplingCallback):
         lines.append(f"TensorBoard logs : {log_dir}   (tensorboard --logdir {log_dir})")
         for path in grids:
             lines.append(f"sample grid      : {path}")
+        for plots in (cb for cb in trainer.callbacks if isinstance(cb, TrainingPlotsCallback)):
+            for name, path in plots.paths.items():
+                lines.append(f"{_PLOT_NAMES.get(name, name):<17}: {path}")
         settings = self.settings.describe(with_guidance=False) + ("" if self.use_ema else ", live weights")
         lines.append(
             f"samples          : {self.num_samples} ({self.label_mode}"
