@@ -441,8 +441,15 @@ class SiTModule(LightningModule):
             alignment = self.repa_loss(model.hidden, batch)
             self.log("train/repa_loss", alignment)
             loss = loss + self.repa.loss_weight * alignment
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        # No host-device sync outside logging steps (docs/performance.md, "Syncs per training step"):
+        # the logger reads device tensors only every log_every_n_steps, but the progress bar reads its
+        # metrics on every step, so it gets a CPU copy of the loss, made at logging steps only; the
+        # learning rate is logged as a CPU tensor (a float would be copied to the device every step).
+        self.log("train/loss", loss.detach())
+        if _logs_this_step(self._trainer):
+            self.log("loss", loss.detach().float().cpu(), prog_bar=True, logger=False)
+        lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+        self.log("train/lr", lr if isinstance(lr, Tensor) else torch.tensor(float(lr), dtype=torch.float64))
         return loss
 
     def repa_loss(self, hidden: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
@@ -787,6 +794,12 @@ def find_weight_average(trainer: Any) -> WeightAverage | None:
         names = [type(cb).__name__ for cb in found]
         raise ValueError(f"several callbacks hold averaged weights: {names}; pass ema= to choose one")
     return found[0] if found else None
+
+
+def _logs_this_step(trainer: Any) -> bool:
+    """Whether Lightning writes the logs at this training step (every ``trainer.log_every_n_steps``)."""
+    connector = getattr(trainer, "_logger_connector", None)
+    return bool(getattr(connector, "should_update_logs", True))
 
 
 def _arch_config(arch: str | SiTConfig | Mapping[str, Any]) -> SiTConfig:

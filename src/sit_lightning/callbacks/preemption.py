@@ -25,10 +25,15 @@ handler instead of dying from a SIGUSR1 sent to the whole job step. The previous
 when fit ends, normally or with an exception.
 
 Distributed: a signal does not reach every rank at the same moment (or at all, when only one is
-signalled), so at every optimizer step boundary the ranks all-reduce (max) the signal number they
-received, one integer; every rank then saves and exits at the same step. The cost is one tiny
-all-reduce and a host sync per optimizer step, like the broadcast Lightning already does each step
-under DDP. On one process there is no collective and no sync.
+signalled), so the ranks all-reduce (max) the signal number they received, one integer, on a CPU-side
+``gloo`` process group made at setup: launched without waiting after each step's backward pass
+(``on_before_optimizer_step``) and awaited at the step boundary, where every rank reads the same
+value and saves and exits at the same step. A signal that arrives before a step's backward pass ends is
+honoured at the end of that step, a later one at the end of the next. The exchange never touches the
+device, so the host keeps running ahead of it (no host-device sync), and it replaces Lightning's
+own per-step SIGTERM broadcast, which read a device tensor back every step under DDP and which is
+switched off while this callback owns the signals (Lightning's handler, whose flag it broadcast, is
+not installed then). On one process there is no collective at all.
 
 SLURM: ``#SBATCH --signal=USR1@180`` asks for SIGUSR1 180 s before the time limit; SIGTERM arrives only
 ``KillWait`` (often 30 s) before SIGKILL, shorter than an XL step plus its save. After saving on SIGUSR1
@@ -100,6 +105,8 @@ class PreemptionCallback(Callback):
         self._previous: dict[signal.Signals, _Handler] = {}
         self._step_before = -1
         self._requeue_signal: signal.Signals | None = None
+        self._group: Any = None  # the CPU (gloo) group of the flag exchange, None on one process
+        self._pending: tuple[torch.Tensor, Any] | None = None  # (flag, its all-reduce in flight)
 
     # ---- signal handling ------------------------------------------------------------------------
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -137,9 +144,16 @@ class PreemptionCallback(Callback):
             teardown()
             self._restore()
             del connector.register_signal_handlers, connector.teardown
+            vars(trainer.fit_loop.epoch_loop).pop("_broadcast_sigterm_tensor", None)
 
         connector.register_signal_handlers = register_then_take_over
         connector.teardown = teardown_then_restore
+        # Lightning's training loop broadcasts `trainer.received_sigterm` from rank 0 and reads it back
+        # (`.item()`) before every batch under DDP; only its own SIGTERM handler sets that flag, and ours
+        # replaces it, so the broadcast would only ever carry 0. Our exchange covers every rank instead.
+        epoch_loop = trainer.fit_loop.epoch_loop
+        if callable(getattr(epoch_loop, "_broadcast_sigterm_tensor", None)):
+            epoch_loop._broadcast_sigterm_tensor = _no_sigterm_broadcast  # type: ignore[method-assign]
 
     @property
     def _signals(self) -> tuple[signal.Signals, ...]:
@@ -159,6 +173,9 @@ class PreemptionCallback(Callback):
         self._previous = {signum: signal.getsignal(signum) for signum in self._signals}
         self._install()
         self._take_over_from_lightning(trainer)
+        self._pending = None
+        if trainer.world_size > 1 and self._group is None and torch.distributed.is_initialized():
+            self._group = torch.distributed.new_group(backend="gloo")  # every rank runs setup: collective
         # Save after every other callback has finished the step (the EMA update above all). A new list:
         # Lightning is iterating over the old one to call `setup`.
         trainer.callbacks = [callback for callback in trainer.callbacks if callback is not self] + [self]
@@ -185,6 +202,11 @@ class PreemptionCallback(Callback):
     ) -> None:
         self._step_before = trainer.global_step
 
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        self._launch()  # after the backward pass; awaited at the step boundary
+
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -210,12 +232,30 @@ class PreemptionCallback(Callback):
             print(message, file=sys.stderr, flush=True)
         raise Preempted(message, self.exit_status)
 
+    def _launch(self) -> None:
+        """Start the all-reduce (max) of this rank's signal number on the CPU group, without waiting."""
+        if self._group is None or self._pending is not None:
+            return
+        flag = torch.tensor([self._received], dtype=torch.int64)
+        work = torch.distributed.all_reduce(
+            flag, op=torch.distributed.ReduceOp.MAX, group=self._group, async_op=True
+        )
+        self._pending = (flag, work)
+
     def _agreed_signal(self, trainer: pl.Trainer) -> int:
         """The largest signal number any rank received (0: none); the same on every rank."""
-        if trainer.world_size == 1:
+        if trainer.world_size == 1 or self._group is None:
             return self._received
-        received = torch.tensor(self._received, device=trainer.strategy.root_device)
-        return int(trainer.strategy.reduce(received, reduce_op="max").item())
+        self._launch()  # launched here when no optimizer hook ran (manual optimization)
+        assert self._pending is not None
+        flag, work = self._pending
+        self._pending = None
+        work.wait()  # a CPU tensor on a gloo group: waits for the other ranks, never for the device
+        return int(flag[0])
+
+
+def _no_sigterm_broadcast() -> None:
+    """Stands in for Lightning's per-batch SIGTERM broadcast while :class:`PreemptionCallback` owns SIGTERM."""
 
 
 def _slurm_environment(trainer: pl.Trainer) -> Any:

@@ -1,8 +1,10 @@
 """Training throughput: images per second and model FLOPs utilisation (MFU).
 
-Wall-clock time is measured around each training batch (``on_train_batch_start`` to
-``on_train_batch_end``; CUDA is synchronised at both ends when the module is on CUDA, so the time
-covers the kernels and not just their launch). Over a window of ``window`` batches:
+Time is measured around each training batch (``on_train_batch_start`` to ``on_train_batch_end``).
+On CUDA it is the device's time between two CUDA events recorded on the stream at both ends of the
+batch, read once per window (one host-device sync per ``window`` batches, not two per batch, so the
+host keeps running ahead of the device); elsewhere it is the ``clock``. Over a window of ``window``
+batches:
 
     images/s = global images in the window / seconds in the window
     MFU      = images/s x FLOPs per training image / (peak FLOP/s per device x devices)
@@ -110,6 +112,7 @@ class ThroughputCallback(Callback):
         self._images = 0
         self._batches = 0
         self._seen = 0
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []  # CUDA: this window's batches
         self.last: dict[str, float] = {}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -120,17 +123,16 @@ class ThroughputCallback(Callback):
         if self._peak is None and pl_module.device.type == "cuda":
             self._peak = lookup_peak_flops(torch.cuda.get_device_name(pl_module.device))
 
-    def _sync(self, pl_module: pl.LightningModule) -> None:
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
-
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._seen += 1
         if self._seen <= self.warmup:
             return
-        self._sync(pl_module)
+        if pl_module.device.type == "cuda":  # recorded on the stream: no host-device sync
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            self._events.append((start, torch.cuda.Event(enable_timing=True)))
         self._start = self.clock()
 
     def on_train_batch_end(
@@ -138,13 +140,19 @@ class ThroughputCallback(Callback):
     ) -> None:
         if self._start is None:
             return
-        self._sync(pl_module)
-        self._seconds += self.clock() - self._start
+        if self._events:
+            self._events[-1][1].record()
+        else:
+            self._seconds += self.clock() - self._start
         self._start = None
         self._images += _batch_size(batch) * trainer.world_size
         self._batches += 1
         if self._batches < self.window:
             return
+        if self._events:  # the window's one sync: wait for its last batch, read every batch's time
+            self._events[-1][1].synchronize()
+            self._seconds = sum(start.elapsed_time(end) for start, end in self._events) / 1e3
+            self._events = []
         rate, mfu = throughput(
             self._images, self._seconds, self._flops_per_image, self._peak, trainer.world_size
         )
@@ -152,7 +160,16 @@ class ThroughputCallback(Callback):
         if mfu is not None:
             self.last["throughput/mfu"] = mfu
         for name, value in self.last.items():
-            pl_module.log(name, value, prog_bar=True, on_step=True, on_epoch=False, rank_zero_only=True)
+            # a CPU tensor: a float would be copied to the device (a sync), and the progress bar reads
+            # its metrics back on every step
+            pl_module.log(
+                name,
+                torch.tensor(value, dtype=torch.float64),
+                prog_bar=True,
+                on_step=True,
+                on_epoch=False,
+                rank_zero_only=True,
+            )
         self._seconds, self._images, self._batches = 0.0, 0, 0
 
 
