@@ -1,0 +1,163 @@
+"""The data workers' posterior noise: keyed normals of version 2 (float32 Box-Muller) on the CPU.
+
+Its law (moments, Kolmogorov-Smirnov, tails, independence across partners, pairs and keys), its keys
+(same key, same bits, whatever the batch), the numpy path against the torch path that other devices
+run, its distance to version 1, and the version a resumed checkpoint carries. Statistical bounds are 5
+standard errors (or the KS critical value at alpha = 0.001) on fixed seeds: deterministic, and a lost
+word, a reused counter or a wrong Box-Muller fails them by a wide margin.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sit_lightning import randomness
+from sit_lightning.data import LatentDataModule, LatentShardWriter
+from sit_lightning.data.latent_datamodule import POSTERIOR_NORMALS_VERSION
+from sit_lightning.errors import ConfigurationError
+from sit_lightning.randomness import (
+    _box_muller_float32,
+    _keyed_bits_torch,
+    keyed_bits,
+    keyed_randn,
+    keyed_seed,
+)
+
+M32 = 0xFFFFFFFF
+ULP = torch.finfo(torch.float32).eps
+
+
+def _v2(shape, seed, stream, step, indices, **kwargs) -> torch.Tensor:
+    return keyed_randn(shape, seed, stream, step, indices, version=2, **kwargs)
+
+
+def _ks_statistic(samples: np.ndarray) -> float:
+    x = np.sort(samples)
+    f = 0.5 * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+    n = len(x)
+    return float(max((np.arange(1, n + 1) / n - f).max(), (f - np.arange(n) / n).max()))
+
+
+def _correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.corrcoef(torch.stack([a.reshape(-1).double(), b.reshape(-1).double()]))[0, 1])
+
+
+def test_version_2_normals_follow_the_standard_normal_law() -> None:
+    flat = _v2((4, 8, 8), 0, "data.posterior", 0, range(1_000)).reshape(-1).double().numpy()
+    n = flat.size  # 256,000
+    assert np.isfinite(flat).all()
+    assert _ks_statistic(flat[::4]) < 1.95 / math.sqrt(n // 4)
+    assert abs(flat.mean()) < 5 / math.sqrt(n)
+    assert abs(flat.var() - 1) < 5 * math.sqrt(2 / n)
+    assert abs((flat**3).mean()) < 5 * math.sqrt(15 / n)
+    assert abs((flat**4).mean() - 3) < 5 * math.sqrt(96 / n)
+    for cut in (2.0, 3.0):  # the tails, where a float32 radius could lose mass
+        p = math.erfc(cut / math.sqrt(2))
+        assert abs(float((np.abs(flat) > cut).mean()) - p) < 5 * math.sqrt(p * (1 - p) / n)
+
+
+def test_version_2_normals_are_independent_across_partners_pairs_and_keys() -> None:
+    n = 40_000
+    bound = 5 / math.sqrt(n)
+    z = _v2((8,), 0, "z", 0, range(n))
+    assert abs(_correlation(z[:, 0], z[:, 1])) < bound  # cos and sin of one pair
+    assert abs(_correlation(z[:, 0] ** 2, z[:, 1] ** 2)) < bound  # one radius, independent squares
+    assert abs(_correlation(z[:, 1], z[:, 2])) < bound  # the two pairs of one block
+    assert abs(_correlation(z[:, 3], z[:, 4])) < bound  # neighbouring blocks
+    assert abs(_correlation(z[:-1, 0], z[1:, 0])) < bound  # neighbouring keys
+    for other in (
+        _v2((8,), 0, "z", 1, range(n)),
+        _v2((8,), 0, "z2", 0, range(n)),
+        _v2((8,), 1, "z", 0, range(n)),
+    ):
+        assert abs(_correlation(z, other)) < 5 / math.sqrt(z.numel())  # next step, other stream, seed
+
+
+def test_a_key_draws_the_same_bits_whatever_its_batch() -> None:
+    full = _v2((4, 6, 6), 7, "data.posterior", 0, range(40))
+    assert torch.equal(_v2((4, 6, 6), 7, "data.posterior", 0, range(40)), full)  # same key, same bits
+    picked = [31, 2, 17, 2, 39]
+    assert torch.equal(_v2((4, 6, 6), 7, "data.posterior", 0, picked), full[picked])
+    assert torch.equal(_v2((4, 6, 6), 7, "data.posterior", 0, torch.tensor(picked)), full[picked])
+    # element j comes from block j // 4 only: a longer row extends a shorter one
+    assert torch.equal(_v2((150,), 7, "data.posterior", 0, picked)[:, :144], full[picked].reshape(5, -1))
+    assert not torch.equal(_v2((4, 6, 6), 8, "data.posterior", 0, picked), full[picked])
+
+
+def test_tiles_do_not_change_words_or_normals(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows spanning several tiles, several rows per tile and ragged last tiles give the same values."""
+    indices = torch.tensor([0, 5, 2**32 + 3, 2**40, -1, -(2**33), 2**63 - 1])
+    reference_bits = keyed_bits(4 * 37, 3, "s", 9, indices)
+    reference = _v2((145,), 3, "s", 9, indices)
+    for chunk in (1, 16, 50, 100):
+        monkeypatch.setattr(randomness, "CPU_CHUNK", chunk)
+        assert torch.equal(keyed_bits(4 * 37, 3, "s", 9, indices), reference_bits)
+        assert torch.equal(_v2((145,), 3, "s", 9, indices), reference)
+
+
+def test_the_numpy_path_equals_the_torch_path_of_other_devices() -> None:
+    """Words bit for bit; normals within 4 float32 ulps of max(|z|, 1) (log, cos and sin of two libraries)."""
+    indices = torch.arange(300) * 7919 + 2**33
+    key = keyed_seed(5, "data.posterior", 0)
+    words = _keyed_bits_torch(indices, 64, (key & M32, key >> 32))
+    assert torch.equal(keyed_bits(256, 5, "data.posterior", 0, indices), words)
+    numpy_path = _v2((256,), 5, "data.posterior", 0, indices)
+    torch_path = _box_muller_float32(words)
+    assert ((numpy_path - torch_path).abs() <= 4 * ULP * numpy_path.abs().clamp_min(1)).all()
+
+
+def test_version_2_is_version_1_up_to_float32_rounding() -> None:
+    v1 = keyed_randn((4, 16, 16), 2, "data.posterior", 0, range(200), dtype=torch.float64)
+    v2 = _v2((4, 16, 16), 2, "data.posterior", 0, range(200), dtype=torch.float64)
+    assert (v2 - v1).abs().max() < 2e-5
+    assert not torch.equal(v2, v1.float().double())  # a different stream for exact reproduction
+    with pytest.raises(ValueError, match=r"version must be one of \(1, 2\); got 3"):
+        keyed_randn((2,), 0, "z", 0, [1], version=3)
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("latents")
+    ones = np.ones((8, 4, 4, 4), np.float32)
+    writer = LatentShardWriter(path, (4, 4, 4), shard_size=8, vae_id="test", class_names=["a", "b"])
+    writer.add(ones, ones, -ones, ones, np.arange(8) % 2)
+    writer.close()
+    return path
+
+
+def test_the_posterior_draws_version_2_and_a_resume_keeps_the_checkpoints_version(shard_dir: Path) -> None:
+    def datamodule() -> LatentDataModule:
+        return LatentDataModule(str(shard_dir), num_workers=0, pin_memory=False, global_batch_size=4, seed=3)
+
+    def batch(dm: LatentDataModule) -> torch.Tensor:
+        return dm.train_source().load(np.arange(8), keys)["x"]
+
+    def expected(noise: torch.Tensor, flipped: torch.Tensor) -> torch.Tensor:
+        mean = torch.where(flipped, -1.0, 1.0).view(-1, 1, 1, 1)  # std 1 either way
+        return (mean + 1.0 * noise) * dm.train_source().shards.scale_factor
+
+    keys = np.arange(100, 108)
+    dm = datamodule()
+    x = batch(dm)
+    flipped = x.flatten(1).mean(1) < 0
+    v1 = keyed_randn((4, 4, 4), 3, "data.posterior", 0, keys)
+    v2 = _v2((4, 4, 4), 3, "data.posterior", 0, keys)
+    assert torch.equal(x, expected(v2, flipped)) and not torch.equal(x, expected(v1, flipped))
+    assert POSTERIOR_NORMALS_VERSION == 2 and dm.state_dict()["posterior_normals_version"] == 2
+
+    # a checkpoint from before the version was saved drew version 1, and resumes with it
+    old_state = {k: v for k, v in dm.state_dict().items() if k != "posterior_normals_version"}
+    for setup_first in (True, False):
+        resumed = datamodule()
+        if setup_first:
+            resumed.train_source()
+        resumed.load_state_dict(old_state)
+        assert torch.equal(batch(resumed), expected(v1, flipped))
+        assert resumed.state_dict()["posterior_normals_version"] == 1
+    with pytest.raises(ConfigurationError, match=r"posterior noise version 9 is not one of \(1, 2\)"):
+        datamodule().load_state_dict({**old_state, "posterior_normals_version": 9})
