@@ -31,7 +31,7 @@ from torch import Tensor
 from sit_lightning.data.shards import LatentShards
 from sit_lightning.data.stream import SampleStreamDataModule
 from sit_lightning.errors import ConfigurationError, DataError
-from sit_lightning.randomness import keyed_generator, keyed_rand, keyed_randn
+from sit_lightning.randomness import NORMAL_VERSIONS, keyed_generator, keyed_rand, keyed_randn
 
 __all__ = ["LatentDataModule", "LatentSource", "FLIP_STREAM", "POSTERIOR_STREAM", "RepaInputs"]
 
@@ -45,6 +45,10 @@ VAL_STREAM_PREFIX = "val."  # validation keys restart at 0: their own streams ke
 SPLIT_STREAM = "data.val_split"
 FLIP_PROBABILITY = 0.5
 _KEYED_STEP = 0  # the key already holds the epoch, so the randomness "step" slot stays constant
+#: ``keyed_randn`` version of the posterior noise (2: float32 Box-Muller, the data workers' cost); saved in
+#: checkpoints, and a checkpoint without it (version 1, float64) resumes with version 1: the same noise.
+POSTERIOR_NORMALS_VERSION = 2
+_VERSION_KEY = "posterior_normals_version"
 
 
 class LatentSource:
@@ -91,6 +95,7 @@ class LatentSource:
         self.subset = subset
         self.flip_stream = stream_prefix + FLIP_STREAM
         self.posterior_stream = stream_prefix + POSTERIOR_STREAM
+        self.normals_version = POSTERIOR_NORMALS_VERSION  # a resumed checkpoint's, if it is older
 
     def __len__(self) -> int:
         return len(self.shards) if self.subset is None else len(self.subset)
@@ -107,7 +112,14 @@ class LatentSource:
         chosen = moments[torch.arange(b), flipped.long()]  # (b, 2, C, H, W)
         mean, std = chosen[:, 0], chosen[:, 1]
         if self.sample_posterior:
-            noise = keyed_randn(self.shards.latent_shape, self.seed, self.posterior_stream, _KEYED_STEP, keys)
+            noise = keyed_randn(
+                self.shards.latent_shape,
+                self.seed,
+                self.posterior_stream,
+                _KEYED_STEP,
+                keys,
+                version=self.normals_version,
+            )
             z = mean + std * noise
         else:
             z = mean
@@ -260,7 +272,7 @@ class LatentDataModule(SampleStreamDataModule):
     def _source(
         self, shards: LatentShards, subset: np.ndarray | None, prefix: str, repa_inputs: RepaInputs = "none"
     ) -> LatentSource:
-        return LatentSource(
+        source = LatentSource(
             shards,
             seed=self.seed,
             flip=self.flip,
@@ -269,6 +281,27 @@ class LatentDataModule(SampleStreamDataModule):
             stream_prefix=prefix,
             repa_inputs=repa_inputs,
         )
+        source.normals_version = self.posterior_normals_version
+        return source
+
+    # the posterior noise's keyed_randn version travels with the stream position (exact resumes)
+    posterior_normals_version: int = POSTERIOR_NORMALS_VERSION
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), _VERSION_KEY: self.posterior_normals_version}
+
+    def load_state_dict(self, state: dict) -> None:
+        version = state.get(_VERSION_KEY, 1)  # checkpoints from before the key drew version 1
+        if version not in NORMAL_VERSIONS:
+            raise ConfigurationError(
+                f"checkpoint posterior noise version {version!r} is not one of {NORMAL_VERSIONS}; "
+                "it comes from a newer sit-lightning"
+            )
+        self.posterior_normals_version = version
+        for source in (self._train, self._val):
+            if source is not None:
+                source.normals_version = version
+        super().load_state_dict({k: v for k, v in state.items() if k != _VERSION_KEY})
 
     def train_source(self) -> LatentSource:
         self.setup()
