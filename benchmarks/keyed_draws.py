@@ -18,6 +18,11 @@ training step (a time ``t``, a noise ``x_0`` like the latents, and a label-dropo
 
 Each entry is the median over ``--reps`` timed repetitions after ``--warmup``, with the device
 synchronised around each one. Timings on a shared machine are noisy: read the ratios in one run.
+
+A second table times what the data workers draw for each latent on the CPU, its posterior noise
+(``LatentSource.load``, stream ``data.posterior``), per ``--posterior`` batch: one ``torch.Generator``
+per sample (before), ``keyed_randn`` version 1 (float64 Box-Muller) and version 2 (float32, what the
+data module draws now), with the repetitions of the three interleaved.
 """
 
 from __future__ import annotations
@@ -32,9 +37,11 @@ from torch import Tensor
 
 from sit_lightning.models import SiTConfig
 from sit_lightning.module import SiTModule
-from sit_lightning.randomness import keyed_generator
+from sit_lightning.randomness import keyed_generator, keyed_randn
 
 DEFAULT_BATCHES = "256x4x32x32,64x4x32x32,128x1x8x8"
+DEFAULT_POSTERIOR = "256x4x32x32"
+POSTERIOR_STREAM = "data.posterior"
 SEED = 0
 STEP = 1234
 
@@ -101,15 +108,46 @@ def measure(shape: tuple[int, ...], device: torch.device, warmup: int, reps: int
     }
 
 
+def measure_posterior(shape: tuple[int, ...], warmup: int, reps: int) -> dict[str, float]:
+    """Median seconds of one batch of posterior noise on the CPU, before and now (interleaved repetitions)."""
+    keys = list(range(STEP * shape[0], (STEP + 1) * shape[0]))
+    latent = tuple(shape[1:])
+
+    def per_sample_generator() -> Tensor:
+        return torch.stack(
+            [torch.randn(latent, generator=keyed_generator(SEED, POSTERIOR_STREAM, 0, k)) for k in keys]
+        )
+
+    ways: dict[str, Callable[[], object]] = {
+        "per_sample_generator": per_sample_generator,
+        "philox_v1": lambda: keyed_randn(latent, SEED, POSTERIOR_STREAM, 0, keys, version=1),
+        "philox_v2": lambda: keyed_randn(latent, SEED, POSTERIOR_STREAM, 0, keys, version=2),
+    }
+    for fn in ways.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    for _ in range(reps):
+        for name, fn in ways.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--batches", default=DEFAULT_BATCHES, help="comma-separated NxCxHxW shapes")
     parser.add_argument("--device", action="append", default=None, help="cpu / cuda (repeatable)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--posterior", default=DEFAULT_POSTERIOR, help="NxCxHxW shapes of posterior noise")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: as is)")
     args = parser.parse_args(argv)
     shapes = [_parse_batch(b) for b in args.batches.split(",") if b.strip()]
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     rows: list[dict[str, object]] = []
     print(
         "| device | batch | per-sample generators ms | philox ms | unkeyed ms | speed-up | philox / unkeyed |"
@@ -127,6 +165,18 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
                 f"| {t['philox'] / t['unkeyed']:.1f}x |",
                 flush=True,
             )
+    print()
+    print(
+        "| posterior noise (CPU) | per-sample generators (before) | Philox v1 ms | Philox v2 (now) ms | now / before |"
+    )
+    print("|---|---:|---:|---:|---:|")
+    for shape in [_parse_batch(b) for b in args.posterior.split(",") if b.strip()]:
+        t = measure_posterior(shape, args.warmup, args.reps)
+        print(
+            f"| {'x'.join(map(str, shape))} | {1e3 * t['per_sample_generator']:.2f} | {1e3 * t['philox_v1']:.2f} "
+            f"| {1e3 * t['philox_v2']:.2f} | {t['philox_v2'] / t['per_sample_generator']:.2f}x |",
+            flush=True,
+        )
     return rows
 
 
