@@ -1,9 +1,10 @@
 """The training loss curve and the validation loss profile ``L_t`` as PNG files beside the sample grid.
 
 At every logging step (``trainer.log_every_n_steps``) the callback keeps the value of the logged
-training loss (``train/loss``: what the loggers receive at that step), as the detached tensor Lightning
-already holds, so a step costs nothing more. At the end of training (and every ``every_n_steps``
-optimizer steps when set) rank 0 draws, with Pillow (:mod:`sit_lightning.evaluation.plots`):
+training loss (``train/loss``: what the loggers receive at that step) from ``trainer.callback_metrics``,
+as a detached tensor; it reads them to the host together when it draws. Other steps cost one integer
+test. At the end of training (and every ``every_n_steps`` optimizer steps when set) rank 0 draws, with
+Pillow (:mod:`sit_lightning.evaluation.plots`):
 
 - ``<log_dir>/samples/loss_curve.png``: the logged loss against the optimizer step;
 - ``<log_dir>/samples/loss_profile.png``: the module's latest validation loss profile ``L_t``
