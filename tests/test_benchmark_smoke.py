@@ -271,3 +271,65 @@ def test_digits_repa_study_smoke_writes_both_arms_curves_and_the_posthoc_sweep(t
     table = (tmp_path / "results.md").read_text()
     assert "| repa | 0 |" in table and "| 0.05 |" in table
     assert (tmp_path / "repa_digits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _load_benchmark(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, BENCHMARK.parent / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_lightning_overhead_smoke_times_both_recipes_and_writes_the_overhead(tmp_path: Path) -> None:
+    """benchmarks/lightning_overhead.py: the plain loop and Trainer.fit each time their steps; the overhead
+    is Lightning / plain - 1 of the best rounds; the plain loop really trains (weights and EMA move)."""
+    bench = _load_benchmark("lightning_overhead")
+    argv = [*TINY_ARGS, "--models", "SiT-B/2:2", "--warmup", "1", "--steps", "1", "--out", str(tmp_path)]
+    (row,) = bench.main(argv)
+    assert row.error is None, row.error
+    assert len(row.plain_rounds_ms) == len(row.lightning_rounds_ms) == 1
+    assert row.overhead == pytest.approx(row.lightning_ms / row.plain_ms - 1)
+    assert row.lightning_images_per_sec == pytest.approx(2 / (row.lightning_ms / 1e3))
+    flops = forward_flops(SiTConfig(depth=1, hidden_size=32, num_heads=2, patch_size=2, input_size=32))
+    assert row.train_flops_per_image == pytest.approx(3 * flops)
+    written = json.loads((tmp_path / "lightning_overhead.json").read_text())
+    assert written["rows"][0]["overhead"] == pytest.approx(row.overhead)
+    assert "| SiT-B/2 | 2 |" in (tmp_path / "lightning_overhead.md").read_text()
+
+    tt = sys.modules["train_throughput"]
+    module = tt._build_module("SiT-B/2", torch.device("cpu"), tt.ArchOverrides(**TINY), seed=0)
+    batches = bench.DeviceBatches(tt.FixedBatch.make(2, torch.device("cpu"), seed=0), total=2)
+    assert [b["key"].tolist() for b in batches] == [[0, 1], [2, 3]]  # keyed by step * N + row
+    before = [p.detach().clone() for p in module.parameters()]
+    assert bench.plain_loop(module, batches, warmup=1, steps=1) > 0
+    moved = max(float((p.detach() - b).abs().max()) for p, b in zip(module.parameters(), before, strict=True))
+    assert moved == pytest.approx(2 * PAPER_LR, rel=0.05)  # two Adam steps of about lr each, at most
+
+
+def test_sample_throughput_smoke_released_heun2_is_our_heun_and_bf16_is_close(tmp_path: Path) -> None:
+    """benchmarks/sample_throughput.py --smoke: every variant timed; the released heun2 re-implementation
+    (torchdiffeq on 3 grid points, forward_with_cfg on the doubled batch) gives our fp32 Heun samples."""
+    bench = _load_benchmark("sample_throughput")
+    report = bench.main(["--smoke", "--device", "cpu", "--out", str(tmp_path)])
+    rows = {row.variant: row for row in report.rows}
+    assert list(rows) == ["released", "fp32", "bf16", "bf16_compile"]
+    for name in ("released", "fp32", "bf16"):
+        assert rows[name].error is None and rows[name].images_per_sec > 0, rows[name]
+        assert rows[name].nfe == 4  # 2 Heun steps, one doubled (guided) batch per evaluation
+    assert "skipped on CPU" in rows["bf16_compile"].note
+    assert rows["released"].vs_released == pytest.approx(1.0)
+    assert rows["fp32"].latent_mad == 0.0
+    assert rows["released"].latent_mad < 1e-5  # same scheme, same guidance (3 channels), same noise
+    assert 0 < rows["bf16"].latent_mad < 0.05  # bf16 matmuls moved the samples, a little
+    assert rows["bf16"].uint8_mad is None  # no VAE: latents only
+    written = json.loads((tmp_path / "sample_throughput.json").read_text())
+    assert written["summary"]["goal_speedup"] == 2.0 and len(written["rows"]) == 4
+
+    # the released guidance: channels 0-2 guided, channel 3 conditional on the first half, null on the second
+    net = lambda x, t, y: x * (1 + y.view(-1, 1, 1, 1).float())  # noqa: E731
+    x = torch.ones(4, 4, 1, 1)
+    out = bench.forward_with_cfg(net, x, torch.zeros(4), torch.tensor([1, 1, 0, 0]), 1.5)
+    assert out[:, :3].flatten().unique().tolist() == [2.5]  # 1 + 1.5 * (2 - 1)
+    assert out[:, 3].flatten().tolist() == [2.0, 2.0, 1.0, 1.0]
