@@ -13,7 +13,8 @@ labels. Variants:
 
 - ``released``: the released ``sample.py`` / ``sample_ddp.py`` path re-implemented on our network
   (which equals the released one on the golden weights): the noise and labels doubled (``z`` twice,
-  labels then the null class 1000), ``torchdiffeq.odeint(fn, z, t, method="heun2")`` on
+  labels then the null class 1000), ``torchdiffeq.odeint(fn, z, t, method="heun2")`` (written out
+  in :func:`torchdiffeq_heun2` where torchdiffeq is not installed) on
   ``t = torch.linspace(0, 1, 126)`` on the device (125 Heun steps, 250 NFE, and the whole trajectory
   kept, as released), ``fn(t, x) = forward_with_cfg(x, ones(N).to(device) * t, y, 1.5)`` (one forward
   on ``cat([x[:N/2], x[:N/2]])``, channels 0-2 guided, the sample keeps the first half), fp32 weights,
@@ -66,7 +67,7 @@ from sit_lightning.module import SiTModule
 from sit_lightning.sampling import SamplerSettings
 from sit_lightning.sampling.presets import sampler_preset
 
-__all__ = ["VARIANTS", "main", "released_heun2_sample"]
+__all__ = ["VARIANTS", "main", "released_heun2_sample", "torchdiffeq_heun2"]
 
 Variant = Literal["released", "fp32", "bf16", "bf16_compile"]
 VARIANTS: tuple[Variant, ...] = get_args(Variant)
@@ -181,8 +182,6 @@ def released_heun2_sample(
     ``z`` and ``labels`` are doubled here as ``sample.py`` does; returns the first half of the last
     point of the trajectory, as released.
     """
-    import torchdiffeq
-
     device = z.device
     z2 = torch.cat([z, z], 0)
     y2 = torch.cat([labels, torch.full_like(labels, num_null)], 0)
@@ -194,8 +193,40 @@ def released_heun2_sample(
         return forward_with_cfg(network, x, t, y2, cfg_scale)
 
     t = torch.linspace(0.0, 1.0, num_steps).to(device)
-    trajectory = torchdiffeq.odeint(fn, z2, t, method="heun2", atol=[1e-6], rtol=[1e-3])
+    try:
+        import torchdiffeq
+    except ImportError:  # a machine without it: the same loop, written out
+        trajectory = torchdiffeq_heun2(fn, z2, t)
+    else:
+        trajectory = torchdiffeq.odeint(fn, z2, t, method="heun2", atol=[1e-6], rtol=[1e-3])
     return trajectory[-1].chunk(2, dim=0)[0], nfe[0]
+
+
+def torchdiffeq_heun2(fn: Callable[[Tensor, Tensor], Tensor], y0: Tensor, t: Tensor) -> Tensor:
+    """torchdiffeq 0.2.5's ``odeint(method="heun2")`` on the grid ``t``, written out (same operations).
+
+    ``FixedGridODESolver.integrate`` with ``Heun2._step_func`` / ``rk2_step_func`` and the time cast of
+    ``_PerturbFunc``; the grid comparisons (``t1 >= t[j]``, ``_linear_interp``'s ``t == t0``) read
+    device tensors on the host, as torchdiffeq does. Returns the whole trajectory ``(len(t), *y0.shape)``.
+    """
+    solution = torch.empty(len(t), *y0.shape, dtype=y0.dtype, device=y0.device)
+    solution[0] = y0
+    j = 1
+    for t0, t1 in zip(t[:-1], t[1:], strict=True):
+        dt = t1 - t0
+        k1 = fn(t0.to(y0.abs().dtype), y0)
+        k2 = fn((t0 + dt * 1.0).to(y0.abs().dtype), y0 + dt * k1 * 1.0)
+        y1 = y0 + dt * (k1 * 0.5 + k2 * 0.5)
+        while j < len(t) and t1 >= t[j]:
+            if t[j] == t0:
+                solution[j] = y0
+            elif t[j] == t1:
+                solution[j] = y1
+            else:
+                solution[j] = y0 + (t[j] - t0) / (t1 - t0) * (y1 - y0)
+            j += 1
+        y0 = y1
+    return solution
 
 
 # ------------------------------------------------------------------------------------------------

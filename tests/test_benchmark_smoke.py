@@ -333,3 +333,10 @@ def test_sample_throughput_smoke_released_heun2_is_our_heun_and_bf16_is_close(tm
     out = bench.forward_with_cfg(net, x, torch.zeros(4), torch.tensor([1, 1, 0, 0]), 1.5)
     assert out[:, :3].flatten().unique().tolist() == [2.5]  # 1 + 1.5 * (2 - 1)
     assert out[:, 3].flatten().tolist() == [2.0, 2.0, 1.0, 1.0]
+    # the written-out heun2 (for machines without torchdiffeq) is torchdiffeq's, bit for bit
+    import torchdiffeq
+
+    field = lambda t, y: torch.sin(3 * t) * y + torch.cos(y)  # noqa: E731
+    y0, grid = torch.randn(3, 2, generator=torch.Generator().manual_seed(0)), torch.linspace(0, 1, 6)
+    expected = torchdiffeq.odeint(field, y0, grid, method="heun2", atol=[1e-6], rtol=[1e-3])
+    torch.testing.assert_close(bench.torchdiffeq_heun2(field, y0, grid), expected, rtol=0, atol=0)
