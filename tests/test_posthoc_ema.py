@@ -12,12 +12,15 @@ import torch
 
 from sit_lightning.posthoc_ema import (
     MAX_SIGMA_REL,
+    ShardPlace,
     gamma_to_sigma_rel,
     list_snapshots,
     power_ema_beta,
     profile_fit_error,
     profile_inner_products,
     save_snapshot,
+    save_snapshot_shard,
+    shard_name,
     sigma_rel_to_gamma,
     synthesis_coefficients,
     synthesize,
@@ -185,15 +188,77 @@ def test_the_module_loads_without_lightning() -> None:
     assert out.stdout.strip() == "False"
 
 
-def test_an_fsdp2_run_is_refused_with_one_precise_line(tmp_path: Path) -> None:
-    """Sharded (DTensor) parameters stop the callback at setup and at the start of training, naming the way out."""
+def _write_shards(
+    tensors: dict[str, torch.Tensor], folder: Path, step: int, sigma_rel: float, world: int
+) -> None:
+    """One-file-per-rank snapshot files of ``tensors``, split along dim 0 as FSDP2 does (torch.chunk)."""
+    for rank in range(world):
+        local, places = {}, {}
+        for name, full in tensors.items():
+            rows = -(-full.shape[0] // world)
+            start = min(rank * rows, full.shape[0])
+            local[name] = full[start : start + rows]
+            places[name] = ShardPlace(tuple(full.shape), (start,) + (0,) * (full.dim() - 1))
+        save_snapshot_shard(local, places, folder, step, sigma_rel, rank, world)
+
+
+def test_sharded_snapshots_are_reassembled_into_the_one_file_synthesis(tmp_path: Path) -> None:
+    """Shards of 3 ranks (one of them empty) placed by their offsets give what one file per snapshot gives."""
+    g = torch.Generator().manual_seed(0)
+    snapshots = {
+        (step, sigma): {"w": torch.randn(5, 3, generator=g), "b": torch.randn(2, generator=g)}
+        for step in (10, 20)
+        for sigma in TRACKED
+    }
+    for (step, sigma), tensors in snapshots.items():
+        save_snapshot(tensors, tmp_path / "whole", step, sigma)
+        _write_shards(tensors, tmp_path / "sharded", step, sigma, world=3)  # "b": rows 1 + 1 + 0
+    whole, sharded = list_snapshots(tmp_path / "whole"), list_snapshots(tmp_path / "sharded")
+    assert [len(s.files) for s in sharded] == [3] * 4 and [len(s.files) for s in whole] == [1] * 4
+    for sigma_rel in (0.05, 0.07):
+        mine, theirs = synthesize(sharded, sigma_rel), synthesize(whole, sigma_rel)
+        assert mine.weights.keys() == theirs.weights.keys()
+        assert all(torch.equal(mine.weights[k], theirs.weights[k]) for k in mine.weights)
+    assert torch.equal(
+        synthesize(sharded, 0.10).weights["w"], snapshots[(20, 0.10)]["w"]
+    )  # nonzero: selected
+    # a world-size-2 run's file for a snapshot the 3-rank run also wrote: which run's is it?
+    _write_shards(snapshots[(10, 0.05)], tmp_path / "sharded", 10, 0.05, world=2)
+    with pytest.raises(ValueError, match=r"mixes shard files of runs with \[2, 3\] ranks"):
+        list_snapshots(tmp_path / "sharded")
+    save_snapshot(snapshots[(10, 0.05)], tmp_path / "whole_and_sharded", 10, 0.05)
+    _write_shards(snapshots[(10, 0.05)], tmp_path / "whole_and_sharded", 10, 0.05, world=2)
+    with pytest.raises(ValueError, match="both a one-file and a sharded snapshot of step 10"):
+        list_snapshots(tmp_path / "whole_and_sharded")
+
+
+def test_shards_that_do_not_tile_their_tensor_are_refused(tmp_path: Path) -> None:
+    full = torch.arange(12.0).reshape(4, 3)
+    with pytest.raises(ValueError, match="does not fit its full shape"):
+        save_snapshot_shard({"w": full[2:]}, {"w": ShardPlace((4, 3), (3, 0))}, tmp_path, 1, 0.05, 0, 2)
+    for rank, offset in ((0, 0), (1, 1)):  # rows 0-1 and 1-2: row 1 twice, row 3 never
+        save_snapshot_shard(
+            {"w": full[:2]}, {"w": ShardPlace((4, 3), (offset, 0))}, tmp_path, 1, 0.05, rank, 2
+        )
+    with pytest.raises(ValueError, match="overlaps another rank's"):
+        synthesize(list_snapshots(tmp_path), 0.05)
+    save_snapshot_shard({"w": full[2:3]}, {"w": ShardPlace((4, 3), (2, 0))}, tmp_path, 1, 0.05, 1, 2)
+    with pytest.raises(ValueError, match="leave 3 of its 12 elements uncovered"):
+        synthesize(list_snapshots(tmp_path), 0.05)
+
+
+def test_the_callback_shards_its_tracks_under_fsdp2(tmp_path: Path) -> None:
+    """DTensor parameters (a 1-rank FSDP2 mesh): the tracks are the local shards, the snapshots shard files.
+
+    (Two ranks, resume and the command: tests/reliability/test_posthoc_sharded.py.)
+    """
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-    from sit_lightning.callbacks.posthoc_ema import FSDP2_REFUSAL, PostHocEMACallback
+    from sit_lightning.callbacks.posthoc_ema import PostHocEMACallback
 
-    class _Module(torch.nn.Module):  # the parameters are all the callback reads at setup
+    class _Module(torch.nn.Module):  # the parameters are all the callback reads
         def __init__(self, weight: torch.Tensor) -> None:
             super().__init__()
             self.weight = torch.nn.Parameter(weight)
@@ -202,23 +267,31 @@ def test_an_fsdp2_run_is_refused_with_one_precise_line(tmp_path: Path) -> None:
         log_dir = str(tmp_path)
         default_root_dir = str(tmp_path)
         global_step = 0
+        is_global_zero = True
 
-    callback = PostHocEMACallback(snapshot_every=2)
-    plain = _Module(torch.ones(4, 3))
-    callback.setup(_Trainer(), plain, "fit")  # type: ignore[arg-type]  # precondition: plain tensors pass
     assert not dist.is_initialized()
     store = dist.FileStore(str(tmp_path / "store"), 1)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
         mesh = init_device_mesh("cpu", (1,))
         sharded = _Module(distribute_tensor(torch.ones(4, 3), mesh, [Shard(0)]))
-        for hook in (
-            lambda: callback.setup(_Trainer(), sharded, "fit"),
-            lambda: callback.on_train_start(_Trainer(), sharded),
-        ):  # type: ignore[arg-type]
-            with pytest.raises(ValueError) as err:
-                hook()
-            assert str(err.value) == FSDP2_REFUSAL and "\n" not in FSDP2_REFUSAL
-        assert "strategy ddp" in FSDP2_REFUSAL and "EMACallback is sharded" in FSDP2_REFUSAL
+        callback = PostHocEMACallback(snapshot_every=2)
+        trainer = _Trainer()
+        callback.setup(trainer, sharded, "fit")  # type: ignore[arg-type]
+        callback.on_train_start(trainer, sharded)  # type: ignore[arg-type]
+        for step in (1, 2):
+            with torch.no_grad():
+                sharded.weight.to_local().fill_(float(step))
+            trainer.global_step = step
+            callback.on_train_batch_end(trainer, sharded, None, None, 0)  # type: ignore[arg-type]
+        track = callback.tracks()[0.05]["weight"]
+        assert isinstance(sharded.weight, DTensor) and not isinstance(track, DTensor)
+        names = sorted(p.name for p in (tmp_path / "posthoc_ema").iterdir())
+        assert names == sorted(shard_name(2, s, 0, 1) for s in TRACKED)
+        (snapshot, _) = list_snapshots(tmp_path / "posthoc_ema")
+        assert snapshot.shards == (snapshot.path,) and snapshot.sigma_rel == 0.05
+        assert torch.equal(synthesize([snapshot], 0.05).weights["weight"], track)
+        beta = power_ema_beta(2, sigma_rel_to_gamma(0.05))  # the track: theta_1 = 1, then theta_2 = 2
+        assert torch.allclose(track, torch.full((4, 3), beta + (1.0 - beta) * 2.0), rtol=1e-6, atol=0.0)
     finally:
         dist.destroy_process_group()

@@ -32,16 +32,26 @@ Time is the optimizer step ``t = 1, 2, ...``; ``theta_t`` are the weights after 
 Snapshots are one ``.safetensors`` file per track and step, ``phema-<step:09d>-<sigma_rel>.safetensors``,
 written atomically (``<name>.tmp`` in the folder, fsync, rename); ``step``, ``sigma_rel`` and ``gamma``
 are in the file's metadata, which is what the synthesis reads (the name is for people).
+
+A *sharded* snapshot (an FSDP2 run: each rank holds its own shard of every track) is one such file per
+rank, ``phema-<step:09d>-<sigma_rel>-rank<r:05d>-of-<w:05d>.safetensors``, holding that rank's local
+shards; its metadata adds the rank, the number of ranks and, per tensor, the full tensor's shape and the
+offset of the shard in it (:data:`LAYOUT_KEY`). The synthesis is linear, so it adds each shard, times its
+snapshot's coefficient, into its place in the full tensor: the result is the full tensor, as from
+single-file snapshots, and snapshots of runs with different numbers of ranks mix freely.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -53,6 +63,7 @@ __all__ = [
     "DEFAULT_SIGMA_RELS",
     "MAX_SIGMA_REL",
     "POSTHOC_EMA_SUBCOMMAND",
+    "ShardPlace",
     "Snapshot",
     "Synthesis",
     "SynthesisResult",
@@ -63,6 +74,8 @@ __all__ = [
     "profile_fit_error",
     "profile_inner_products",
     "save_snapshot",
+    "save_snapshot_shard",
+    "shard_name",
     "sigma_rel_to_gamma",
     "snapshot_name",
     "synthesis_coefficients",
@@ -83,6 +96,11 @@ TORCH_SUFFIXES = (".pt", ".pth")
 STEP_KEY = "posthoc_ema_step"
 SIGMA_REL_KEY = "posthoc_ema_sigma_rel"
 GAMMA_KEY = "posthoc_ema_gamma"
+#: Metadata of a shard file (one rank's part of a sharded snapshot): its rank, the number of ranks, and
+#: JSON ``{name: {"shape": full shape, "offset": where the shard starts in it}}``.
+RANK_KEY = "posthoc_ema_rank"
+WORLD_SIZE_KEY = "posthoc_ema_world_size"
+LAYOUT_KEY = "posthoc_ema_layout"
 #: Coefficients summing to less than this cannot be rescaled to 1: the target is far outside the snapshots' span.
 _MIN_COEFFICIENT_SUM = 1e-3
 #: The leading coefficients of the cubic in gamma (Eq. 126): gamma^3 + 7 gamma^2 + ...
@@ -208,16 +226,38 @@ def profile_fit_error(
 # ---- snapshot files ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Snapshot:
-    """One snapshot file: the EMA of the track ``sigma_rel`` after ``step`` optimizer steps."""
+    """One snapshot: the EMA of the track ``sigma_rel`` after ``step`` optimizer steps.
+
+    ``path`` is its file; a sharded snapshot has one file per rank, ``shards`` (rank 0 first, ``path`` is
+    rank 0's), and ``()`` otherwise.
+    """
 
     path: Path
     step: int
     sigma_rel: float
+    shards: tuple[Path, ...] = ()
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        """Every file of the snapshot: the shards, or the one file."""
+        return self.shards or (self.path,)
+
+
+class ShardPlace(NamedTuple):
+    """Where a local shard sits in its full tensor: the full ``shape`` and the ``offset`` of the shard's first element."""
+
+    shape: tuple[int, ...]
+    offset: tuple[int, ...]
 
 
 def snapshot_name(step: int, sigma_rel: float) -> str:
     """``phema-<step:09d>-<sigma_rel>.safetensors`` (sigma_rel with 6 significant digits)."""
     return f"{SNAPSHOT_PREFIX}-{step:09d}-{sigma_rel:.6g}{SNAPSHOT_SUFFIX}"
+
+
+def shard_name(step: int, sigma_rel: float, rank: int, world_size: int) -> str:
+    """``phema-<step:09d>-<sigma_rel>-rank<rank:05d>-of-<world_size:05d>.safetensors``: one rank's shard file."""
+    return f"{SNAPSHOT_PREFIX}-{step:09d}-{sigma_rel:.6g}-rank{rank:05d}-of-{world_size:05d}{SNAPSHOT_SUFFIX}"
 
 
 def save_snapshot(tensors: Mapping[str, Tensor], directory: str | Path, step: int, sigma_rel: float) -> Path:
@@ -241,29 +281,165 @@ def save_snapshot(tensors: Mapping[str, Tensor], directory: str | Path, step: in
     return write_atomically(path, lambda staging: save_file(cpu, str(staging), metadata=metadata))
 
 
-def list_snapshots(directory: str | Path) -> list[Snapshot]:
-    """The snapshot files of ``directory``, sorted by step and sigma_rel (reads only their headers).
+def save_snapshot_shard(
+    tensors: Mapping[str, Tensor],
+    places: Mapping[str, ShardPlace],
+    directory: str | Path,
+    step: int,
+    sigma_rel: float,
+    rank: int,
+    world_size: int,
+) -> Path:
+    """Write one rank's shards of one track as ``directory/`` :func:`shard_name`, atomically.
+
+    Args:
+        tensors: the rank's local shard of each tensor (an empty shard is fine).
+        places: for each tensor, the full shape and the shard's offset in it (a tensor every rank
+            holds whole: its shape and zeros).
+        rank, world_size: this file's rank among the ``world_size`` files of the snapshot.
 
     Raises:
-        ValueError: ``directory`` is not a folder, or holds no snapshot.
+        ValueError: a shard does not fit inside its full tensor at its offset, or a place is missing.
     """
+    from safetensors.torch import save_file
+
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}); got {rank}")
+    if tensors.keys() != places.keys():
+        raise ValueError(f"need one place per shard; differ: {sorted(tensors.keys() ^ places.keys())[:5]}")
+    layout = {}
+    for name, t in tensors.items():
+        shape, offset = (tuple(int(n) for n in v) for v in places[name])
+        _check_place(name, tuple(t.shape), shape, offset, f"rank {rank}")
+        layout[name] = {"shape": list(shape), "offset": list(offset)}
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    cpu = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
+    metadata = {
+        "format": "pt",
+        STEP_KEY: str(int(step)),
+        SIGMA_REL_KEY: repr(float(sigma_rel)),
+        GAMMA_KEY: repr(sigma_rel_to_gamma(sigma_rel)),
+        RANK_KEY: str(int(rank)),
+        WORLD_SIZE_KEY: str(int(world_size)),
+        LAYOUT_KEY: json.dumps(layout, separators=(",", ":")),
+    }
+    path = directory / shard_name(step, sigma_rel, rank, world_size)
+    return write_atomically(path, lambda staging: save_file(cpu, str(staging), metadata=metadata))
+
+
+def _check_place(
+    name: str, local: tuple[int, ...], shape: tuple[int, ...], offset: tuple[int, ...], where: str
+) -> None:
+    if not (len(local) == len(shape) == len(offset)) or any(
+        o < 0 or o + n > s for n, s, o in zip(local, shape, offset, strict=True)
+    ):
+        raise ValueError(
+            f"{where}: shard {name!r} of shape {list(local)} at offset {list(offset)} does not fit its full "
+            f"shape {list(shape)}"
+        )
+
+
+@dataclass(frozen=True)
+class _ShardFile:
+    path: Path
+    step: int
+    sigma_rel: float
+    rank: int
+    world_size: int
+
+
+def _read_header(path: Path) -> tuple[int, float, dict[str, str], dict[str, tuple[int, ...]]]:
+    """A snapshot file's step, sigma_rel, metadata and tensor shapes (its header only)."""
     from safetensors import safe_open
 
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    if STEP_KEY not in metadata or SIGMA_REL_KEY not in metadata:
+        raise ValueError(f"{path} has no {STEP_KEY} / {SIGMA_REL_KEY} metadata: not a post-hoc EMA snapshot")
+    return int(metadata[STEP_KEY]), float(metadata[SIGMA_REL_KEY]), metadata, shapes
+
+
+def _shard_layout(path: Path, metadata: Mapping[str, str], shapes: Mapping[str, tuple[int, ...]]) -> dict:
+    """The checked ``{name: ShardPlace}`` of a shard file."""
+    try:
+        layout = json.loads(metadata[LAYOUT_KEY])
+        places = {name: ShardPlace(tuple(v["shape"]), tuple(v["offset"])) for name, v in layout.items()}
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(
+            f"{path} has no readable {LAYOUT_KEY} metadata: not a post-hoc EMA shard file"
+        ) from None
+    if places.keys() != shapes.keys():
+        raise ValueError(f"{path}: its {LAYOUT_KEY} names other tensors than the file holds")
+    for name, place in places.items():
+        _check_place(name, shapes[name], place.shape, place.offset, str(path))
+    return places
+
+
+def _check_shard_set(files: Sequence[_ShardFile], directory: Path) -> tuple[Path, ...]:
+    """The files of one sharded snapshot in rank order, or a one-line error naming what is missing or mixed."""
+    head = files[0]
+    what = f"{directory}: the sharded snapshot of step {head.step}, sigma_rel {head.sigma_rel:g}"
+    sizes = sorted({f.world_size for f in files})
+    if len(sizes) > 1:
+        raise ValueError(f"{what} mixes shard files of runs with {sizes} ranks: keep the files of one run")
+    world_size = sizes[0]
+    ranks = [f.rank for f in files]
+    if len(set(ranks)) != len(ranks):
+        raise ValueError(f"{what} has several files of one rank: {sorted(f.path.name for f in files)}")
+    missing = sorted(set(range(world_size)) - set(ranks))
+    if missing:
+        names = ", ".join(shard_name(head.step, head.sigma_rel, r, world_size) for r in missing[:3])
+        raise ValueError(
+            f"{what} lacks the file of rank {missing[0]} of {world_size} ({len(missing)} missing: {names}"
+            f"{', ...' if len(missing) > 3 else ''}): copy every rank's files into the folder"
+        )
+    return tuple(f.path for f in sorted(files, key=lambda f: f.rank))
+
+
+def list_snapshots(directory: str | Path) -> list[Snapshot]:
+    """The snapshots of ``directory``, sorted by step and sigma_rel (reads only the files' headers).
+
+    One-file snapshots and sharded ones (one file per rank, see the module docstring) both count; the
+    shard files of a snapshot are checked to be complete (every rank of one run) and to place their
+    shards inside the full tensors.
+
+    Raises:
+        ValueError: ``directory`` is not a folder or holds no snapshot; a sharded snapshot lacks a rank's
+            file or mixes the files of runs with different numbers of ranks; a step and sigma_rel has
+            both a one-file and a sharded snapshot.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise ValueError(f"{directory} is not a folder of post-hoc EMA snapshots")
     pattern = re.compile(rf"{SNAPSHOT_PREFIX}-\d+-.+{re.escape(SNAPSHOT_SUFFIX)}")
-    found = []
+    whole: dict[tuple[int, float], Path] = {}
+    sharded: dict[tuple[int, float], list[_ShardFile]] = {}
     for path in sorted(directory.iterdir()):
         if not pattern.fullmatch(path.name):
             continue
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        if STEP_KEY not in metadata or SIGMA_REL_KEY not in metadata:
-            raise ValueError(
-                f"{path} has no {STEP_KEY} / {SIGMA_REL_KEY} metadata: not a post-hoc EMA snapshot"
-            )
-        found.append(Snapshot(path, int(metadata[STEP_KEY]), float(metadata[SIGMA_REL_KEY])))
+        step, sigma_rel, metadata, shapes = _read_header(path)
+        if RANK_KEY not in metadata:
+            whole[(step, sigma_rel)] = path
+            continue
+        _shard_layout(path, metadata, shapes)
+        try:
+            rank, world_size = int(metadata[RANK_KEY]), int(metadata[WORLD_SIZE_KEY])
+        except (KeyError, ValueError):
+            raise ValueError(f"{path} has no readable {RANK_KEY} / {WORLD_SIZE_KEY} metadata") from None
+        sharded.setdefault((step, sigma_rel), []).append(_ShardFile(path, step, sigma_rel, rank, world_size))
+    both = sorted(whole.keys() & sharded.keys())
+    if both:
+        step, sigma_rel = both[0]
+        raise ValueError(
+            f"{directory} holds both a one-file and a sharded snapshot of step {step}, sigma_rel {sigma_rel:g}:"
+            " keep the files of one run"
+        )
+    found = [Snapshot(path, step, sigma_rel) for (step, sigma_rel), path in whole.items()]
+    for (step, sigma_rel), files in sharded.items():
+        shards = _check_shard_set(files, directory)
+        found.append(Snapshot(shards[0], step, sigma_rel, shards))
     if not found:
         raise ValueError(f"{directory} holds no {SNAPSHOT_PREFIX}-*{SNAPSHOT_SUFFIX} snapshot")
     return sorted(found, key=lambda s: (s.step, s.sigma_rel))
@@ -292,12 +468,12 @@ def synthesize(snapshots: Sequence[Snapshot], sigma_rel: float, step: int | None
             left out.
 
     Raises:
-        ValueError: ``step`` has no snapshot, or the files hold different tensors.
+        ValueError: ``step`` has no snapshot, the snapshots hold different tensors (names or full
+            shapes), or a sharded snapshot's shards overlap or leave part of a tensor uncovered.
+
+    Sharded snapshots are reassembled while summing: each shard, times its snapshot's coefficient, is
+    added into its place in the full tensor (the same float64 sums as from one-file snapshots).
     """
-    from contextlib import ExitStack
-
-    from safetensors import safe_open
-
     steps = sorted({s.step for s in snapshots})
     if not steps:
         raise ValueError("no snapshots to synthesise from")
@@ -308,19 +484,76 @@ def synthesize(snapshots: Sequence[Snapshot], sigma_rel: float, step: int | None
     x = synthesis_coefficients([s.step for s in used], [s.sigma_rel for s in used], step, sigma_rel)
     weights: dict[str, Tensor] = {}
     with ExitStack() as stack:  # one tensor at a time over all files: memory of one float64 tensor
-        files = [stack.enter_context(safe_open(str(s.path), framework="pt")) for s in used]
-        names = list(files[0].keys())
-        for s, f in zip(used, files, strict=True):
-            if sorted(f.keys()) != sorted(names):
-                raise ValueError(f"{s.path} holds other tensors than {used[0].path}")
-        for name in names:
-            total = torch.zeros(files[0].get_slice(name).get_shape(), dtype=torch.float64)
-            for coefficient, f in zip(x, files, strict=True):
-                total.add_(f.get_tensor(name).double(), alpha=float(coefficient))
+        readers = [_SnapshotReader(s, stack) for s in used]
+        shapes = readers[0].shapes
+        for s, reader in zip(used, readers, strict=True):
+            if reader.shapes != shapes:
+                differ = sorted(
+                    k for k in shapes.keys() | reader.shapes.keys() if shapes.get(k) != reader.shapes.get(k)
+                )
+                raise ValueError(
+                    f"{s.path} holds other tensors than {used[0].path} (names or full shapes differ: {differ[:5]})"
+                )
+        for name, shape in shapes.items():
+            total = torch.zeros(shape, dtype=torch.float64)
+            for coefficient, reader in zip(x, readers, strict=True):
+                reader.add_into(total, name, float(coefficient))
             weights[name] = total.float()
     used_steps, used_sigmas = [s.step for s in used], [s.sigma_rel for s in used]
     error = profile_fit_error(used_steps, used_sigmas, x, step, sigma_rel)
     return Synthesis(weights, step, float(sigma_rel), tuple(used), x, error)
+
+
+class _SnapshotReader:
+    """The open files of one snapshot: the full shape of each tensor, and its (reassembled) sum into a total."""
+
+    def __init__(self, snapshot: Snapshot, stack: ExitStack) -> None:
+        from safetensors import safe_open
+
+        self.snapshot = snapshot
+        self.files = [stack.enter_context(safe_open(str(p), framework="pt")) for p in snapshot.files]
+        self.places: list[dict[str, ShardPlace]] | None = None
+        local = [{name: tuple(f.get_slice(name).get_shape()) for name in f.keys()} for f in self.files]
+        if not snapshot.shards:
+            self.shapes = local[0]
+            return
+        self.places = [
+            _shard_layout(p, f.metadata() or {}, shapes)
+            for p, f, shapes in zip(snapshot.shards, self.files, local, strict=True)
+        ]
+        self.shapes = {name: place.shape for name, place in self.places[0].items()}
+        for path, places in zip(snapshot.shards[1:], self.places[1:], strict=True):
+            if {name: place.shape for name, place in places.items()} != self.shapes:
+                raise ValueError(
+                    f"{path} holds other tensors (names or full shapes) than {snapshot.shards[0]}, the same"
+                    " snapshot's rank 0: keep the files of one run"
+                )
+
+    def add_into(self, total: Tensor, name: str, coefficient: float) -> None:
+        """``total += coefficient * snapshot[name]`` (float64), placing each shard where it belongs."""
+        if self.places is None:
+            total.add_(self.files[0].get_tensor(name).double(), alpha=coefficient)
+            return
+        covered = torch.zeros(total.shape, dtype=torch.bool)
+        seen: set[tuple[Any, ...]] = set()
+        for path, f, places in zip(self.snapshot.shards, self.files, self.places, strict=True):
+            shard = f.get_tensor(name)
+            key = (places[name].offset, tuple(shard.shape))
+            if key in seen:  # a replica's copy (e.g. HSDP: the same shard on every replica)
+                continue
+            seen.add(key)
+            box = tuple(slice(o, o + n) for o, n in zip(places[name].offset, shard.shape, strict=True))
+            if covered[box].any():
+                raise ValueError(
+                    f"{path}: the shard of {name!r} overlaps another rank's in the same snapshot"
+                )
+            covered[box] = True
+            total[box].add_(shard.double(), alpha=coefficient)
+        if not covered.all():
+            raise ValueError(
+                f"the shards of {name!r} in the snapshot of step {self.snapshot.step}, sigma_rel "
+                f"{self.snapshot.sigma_rel:g} leave {int((~covered).sum())} of its {covered.numel()} elements uncovered"
+            )
 
 
 # ---- the command -------------------------------------------------------------------------------------
@@ -346,7 +579,8 @@ def synthesize_posthoc_ema(
     """Synthesise the EMA of width ``sigma_rel`` from the snapshots of a post-hoc EMA run.
 
     Args:
-        snapshot_dir: the callback's folder (``<log dir>/posthoc_ema`` by default).
+        snapshot_dir: the callback's folder (``<log dir>/posthoc_ema`` by default); an FSDP2 run's shard
+            files (one per rank and snapshot) are reassembled into full tensors.
         output: the state dict to write (atomically): ``.safetensors``, or ``.pt`` / ``.pth`` (a bare state
             dict); both are what ``load_released_sit`` and ``sit-lightning convert`` read.
         sigma_rel: the EMA width relative to the training length, in ``(0, 0.2887]``; EDM2 finds the best

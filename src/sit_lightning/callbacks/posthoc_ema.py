@@ -8,21 +8,23 @@ After optimizer step ``t`` (1-based) each track ``i`` applies
 after step ``t`` the track is the power-function EMA of relative width ``sigma_rel_i`` of the weights
 ``theta_1 .. theta_t`` (:mod:`sit_lightning.posthoc_ema`). A step the module skipped as non-finite
 is folded in like any other (its ``theta_t`` is ``theta_{t-1}``): leaving it out would break that
-identity. Every ``snapshot_every`` steps rank 0 writes each track (not the raw weights) to
-``snapshot_dir/phema-<step>-<sigma_rel>.safetensors``, atomically.
-After training, ``sit-lightning posthoc-ema SNAPSHOT_DIR OUTPUT --sigma_rel S`` synthesises the EMA of
-any width ``S`` from those files. See docs/training.md, "Post-hoc EMA".
+identity. Every ``snapshot_every`` steps each track (not the raw weights) is written to
+``snapshot_dir`` atomically. After training, ``sit-lightning posthoc-ema SNAPSHOT_DIR OUTPUT --sigma_rel S``
+synthesises the EMA of any width ``S`` from those files. See docs/training.md, "Post-hoc EMA".
+
+Single device and DDP: every rank updates an identical full copy, rank 0 writes
+``phema-<step>-<sigma_rel>.safetensors``. FSDP2 (``fully_shard``; the parameters are DTensors): each
+rank keeps the tracks of its own local shards only (no gather, ever) and writes them itself,
+``phema-<step>-<sigma_rel>-rank<r>-of-<w>.safetensors`` with each shard's place in its full tensor
+(:func:`~sit_lightning.posthoc_ema.save_snapshot_shard`); the synthesis reassembles them.
 
 The tracks are part of the callback's checkpoint state, so ``--ckpt_path`` resumes them exactly (and
-the checkpoint grows by one float32 copy of the weights per track: 5.4 GB for SiT-XL with two; every
-device holds the same).
-
-Single device and DDP only: under DDP every rank updates an identical full copy and rank 0 writes.
-FSDP2 (DTensor parameters) is refused at setup and again at the start of training
-(:data:`FSDP2_REFUSAL`): the tracks here are full float32 copies that rank 0 writes, and tracks sharded
-like :class:`EMACallback`'s (each rank averaging and snapshotting its own shard, the synthesis reading
-the shards) are not built. This callback does not replace :class:`EMACallback`, which is the EMA validation and
-sampling use during training.
+the checkpoint grows by one float32 copy of the weights per track: 5.4 GB for SiT-XL with two). Under
+FSDP2 they are stored like :class:`EMACallback`'s EMA: in a sharded checkpoint (a DCP folder) each
+rank's track shards go beside the weights as DTensors under ``checkpoint["state_dict"]["_phema.<i>." +
+name]`` (:data:`SHARDED_TRACKS_PREFIX`, ``i`` the index in ``sigma_rels``), and a resume at any world
+size reads only its own slices; in a single file they are gathered to full tensors. This callback does
+not replace :class:`EMACallback`, which is the EMA validation and sampling use during training.
 """
 
 from __future__ import annotations
@@ -38,32 +40,64 @@ from torch import Tensor
 
 from ..posthoc_ema import (
     DEFAULT_SIGMA_RELS,
+    ShardPlace,
     power_ema_beta,
     save_snapshot,
+    save_snapshot_shard,
     sigma_rel_to_gamma,
     snapshot_name,
 )
+from .ema import (
+    _DCP_STATE_DICT,
+    _dtensor_type,
+    _empty_like_param,
+    _local,
+    _local_slice,
+    _saves_sharded,
+    _ShardedEMA,
+)
 
-__all__ = ["DEFAULT_SNAPSHOT_EVERY", "FSDP2_REFUSAL", "POSTHOC_EMA_FOLDER", "PostHocEMACallback"]
+__all__ = [
+    "DEFAULT_SNAPSHOT_EVERY",
+    "POSTHOC_EMA_FOLDER",
+    "SHARDED_TRACKS_FIELD",
+    "SHARDED_TRACKS_PREFIX",
+    "PostHocEMACallback",
+]
 
 #: Steps between snapshots: 20 snapshots over the paper's 400K-step runs (108 GB for SiT-XL, two tracks).
 DEFAULT_SNAPSHOT_EVERY = 20_000
 #: Folder under the trainer's log dir that holds the snapshots when ``snapshot_dir`` is None.
 POSTHOC_EMA_FOLDER = "posthoc_ema"
-#: Why an FSDP2 run stops (one line; docs/training.md, "Post-hoc EMA").
-FSDP2_REFUSAL = (
-    "PostHocEMACallback does not support FSDP2 (the parameters are sharded DTensors): its tracks are full "
-    "float32 copies of the weights on every rank, written by rank 0, and sharded tracks are not built; "
-    "train with strategy ddp, or leave this callback out (EMACallback is sharded under FSDP2)"
-)
+#: Key prefix of the track shards in a sharded (DCP folder) checkpoint's ``state_dict``: ``_phema.<i>.<name>``.
+SHARDED_TRACKS_PREFIX = "_phema."
+#: Field of the callback's state naming that prefix (present only in a sharded checkpoint's state).
+SHARDED_TRACKS_FIELD = "tracks_prefix"
 
 
-def _is_dtensor(t: Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        return False
-    return isinstance(t, DTensor)
+def _is_sharded(params: list[Tensor]) -> bool:
+    """Whether the parameters are FSDP2's DTensors (each rank then holds its own shards)."""
+    dtensor = _dtensor_type()
+    return dtensor is not None and any(isinstance(p, dtensor) for p in params)
+
+
+def _place(param: Tensor) -> ShardPlace:
+    """Where this rank's local shard of ``param`` sits in the full tensor (a plain tensor: all of it)."""
+    dtensor = _dtensor_type()
+    if dtensor is None or not isinstance(param, dtensor):
+        return ShardPlace(tuple(param.shape), (0,) * param.dim())
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    # what torch.distributed.checkpoint records for a DTensor's chunk (torch.chunk semantics, as FSDP2)
+    local_shape, offset = compute_local_shape_and_global_offset(
+        param.shape, param.device_mesh, param.placements
+    )
+    if tuple(local_shape) != tuple(_local(param).shape):
+        raise RuntimeError(
+            f"the local shard of a parameter of shape {tuple(param.shape)} is {tuple(_local(param).shape)}, "
+            f"not the {tuple(local_shape)} its placements {param.placements} give"
+        )
+    return ShardPlace(tuple(param.shape), tuple(int(o) for o in offset))
 
 
 class PostHocEMACallback(Callback):
@@ -100,6 +134,8 @@ class PostHocEMACallback(Callback):
         self._tracks: list[list[Tensor]] | None = None  # per sigma_rel, per parameter
         self._pending: dict[str, Any] | None = None
         self._step: int | None = None  # optimizer steps the tracks have averaged
+        self._module_ref: pl.LightningModule | None = None  # the parameters, for the sharded layout
+        self._restoring: tuple[Path | None, pl.LightningModule] | None = None  # set by on_load_checkpoint
 
     # ---- state -------------------------------------------------------------------------------
     @property
@@ -115,7 +151,10 @@ class PostHocEMACallback(Callback):
         return self._step
 
     def tracks(self) -> dict[float, dict[str, Tensor]]:
-        """sigma_rel -> (parameter name -> float32 track tensor), on the parameters' device."""
+        """sigma_rel -> (parameter name -> float32 track tensor), on the parameters' device.
+
+        Under FSDP2 each tensor is this rank's local shard of the track.
+        """
         if self._tracks is None or self._names is None:
             raise RuntimeError("the tracks are not initialised yet (training has not started)")
         return {
@@ -125,6 +164,7 @@ class PostHocEMACallback(Callback):
 
     def _ensure(self, pl_module: pl.LightningModule, step: int) -> None:
         """Create the tracks from a restored checkpoint or, failing that, from the current weights."""
+        self._module_ref = pl_module
         if self._tracks is not None:
             return
         named = list(pl_module.named_parameters())
@@ -136,7 +176,7 @@ class PostHocEMACallback(Callback):
                     f"weights of step {step} for the average of steps 1..{step}, which the synthesis assumes"
                     " they are; snapshots of this run are exact only for runs that had the callback from step 0"
                 )
-            self._tracks = [[p.detach().float().clone() for _, p in named] for _ in self.sigma_rels]
+            self._tracks = [[_local(p).detach().float().clone() for _, p in named] for _ in self.sigma_rels]
             self._step = step
             return
         stored = self._pending["tracks"]
@@ -148,9 +188,9 @@ class PostHocEMACallback(Callback):
                     f"post-hoc EMA state does not match the model: missing {missing[:5]}, unexpected "
                     f"{unexpected[:5]} ({len(missing)} missing, {len(unexpected)} unexpected)"
                 )
+        # full tensors (a single-file checkpoint of any run): this rank's part of each (all of it unsharded)
         self._tracks = [
-            [track[name].to(device=p.device, dtype=torch.float32).clone() for name, p in named]
-            for track in stored
+            [_local_slice(track[name], p).float().clone() for name, p in named] for track in stored
         ]
         self._step = int(self._pending["step"])
         self._pending = None
@@ -160,33 +200,44 @@ class PostHocEMACallback(Callback):
         """Fold the weights after optimizer step ``step`` (1-based) into every track."""
         self._ensure(pl_module, step - 1)
         assert self._tracks is not None
-        params = [p.detach() for p in pl_module.parameters()]
+        params = [_local(p).detach() for p in pl_module.parameters()]
         params = [p if p.dtype == torch.float32 else p.float() for p in params]
         for gamma, track in zip(self.gammas, self._tracks, strict=True):
             torch._foreach_lerp_(track, params, 1.0 - power_ema_beta(step, gamma))
         self._step = step
 
     def save_snapshots(self) -> list[Path]:
-        """Write every track at the current step to the snapshot folder (atomically); returns the files."""
+        """Write every track at the current step to the snapshot folder (atomically); returns the files.
+
+        Unsharded: one file per track (call it on one rank). FSDP2: this rank's shard file of each track
+        (call it on every rank).
+        """
         assert self._step is not None
+        params = [p for _, p in self._module_ref.named_parameters()] if self._module_ref is not None else []
+        if not _is_sharded(params):
+            return [
+                save_snapshot(tensors, self.directory, self._step, sigma_rel)
+                for sigma_rel, tensors in self.tracks().items()
+            ]
+        import torch.distributed as dist
+
+        assert self._names is not None
+        places = {name: _place(p) for name, p in zip(self._names, params, strict=True)}
+        rank, world_size = dist.get_rank(), dist.get_world_size()
         return [
-            save_snapshot(tensors, self.directory, self._step, sigma_rel)
+            save_snapshot_shard(tensors, places, self.directory, self._step, sigma_rel, rank, world_size)
             for sigma_rel, tensors in self.tracks().items()
         ]
 
     # ---- hooks ---------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if any(_is_dtensor(p) for p in pl_module.parameters()):
-            raise ValueError(FSDP2_REFUSAL)
+        self._module_ref = pl_module
         if self.snapshot_dir is not None:
             self._directory = Path(self.snapshot_dir)
         else:
             self._directory = Path(trainer.log_dir or trainer.default_root_dir) / POSTHOC_EMA_FOLDER
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # A sharded strategy may wrap the parameters only after setup: check them again.
-        if any(_is_dtensor(p) for p in pl_module.parameters()):
-            raise ValueError(FSDP2_REFUSAL)
         self._ensure(pl_module, trainer.global_step)
         if self._step != trainer.global_step:
             raise ValueError(
@@ -201,20 +252,62 @@ class PostHocEMACallback(Callback):
         if step == self._step:  # gradient accumulation: no optimizer step yet
             return
         self.update(pl_module, step)
-        if step % self.snapshot_every == 0 and trainer.is_global_zero:
-            self.save_snapshots()
+        if step % self.snapshot_every == 0 and (
+            trainer.is_global_zero or _is_sharded(list(pl_module.parameters()))
+        ):
+            self.save_snapshots()  # FSDP2: every rank writes its own shards
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The tracks (CPU float32, by parameter name, in the order of ``sigma_rels``) and their step."""
+        """The tracks (float32, by parameter name, in the order of ``sigma_rels``) and their step.
+
+        Unsharded: CPU copies. FSDP2: per track a mapping over the live shards that gathers each full
+        tensor when read (collective, as ``EMACallback.state_dict``); :meth:`on_save_checkpoint` puts the
+        shards into a sharded checkpoint instead, or gathers them for a single file.
+        """
         if self._tracks is None:
             return dict(self._pending) if self._pending is not None else {}
-        tracks = [
-            {name: t.detach().cpu().clone() for name, t in track.items()} for track in self.tracks().values()
-        ]
+        assert self._names is not None
+        params = dict(self._module_ref.named_parameters()) if self._module_ref is not None else {}
+        tracks: list[Any]
+        if _is_sharded(list(params.values())):
+            tracks = [
+                _ShardedEMA(dict(zip(self._names, track, strict=True)), params) for track in self._tracks
+            ]
+        else:
+            tracks = [
+                {name: t.detach().cpu().clone() for name, t in track.items()}
+                for track in self.tracks().values()
+            ]
         return {"sigma_rels": list(self.sigma_rels), "step": self._step, "tracks": tracks}
 
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        state = (checkpoint.get("callbacks") or {}).get(self.state_key)
+        if not isinstance(state, dict) or not any(
+            isinstance(t, _ShardedEMA) for t in state.get("tracks") or ()
+        ):
+            return
+        if _saves_sharded(trainer):
+            # DCP writes each rank's shards with the weights; meta.pt gets no tensor of the tracks
+            for i, track in enumerate(state["tracks"]):
+                checkpoint["state_dict"].update(
+                    {f"{SHARDED_TRACKS_PREFIX}{i}.{name}": t for name, t in track.dtensors().items()}
+                )
+            state["tracks"] = None
+            state[SHARDED_TRACKS_FIELD] = SHARDED_TRACKS_PREFIX
+        else:
+            state["tracks"] = [dict(track) for track in state["tracks"]]  # gathered on every rank, in order
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Lightning calls this just before load_state_dict, which needs the folder of a sharded state
+        self._restoring = (Path(trainer.ckpt_path) if trainer.ckpt_path else None, pl_module)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        restoring, self._restoring = self._restoring, None
         if not state_dict:
             return
         stored = tuple(float(s) for s in state_dict["sigma_rels"])
@@ -222,5 +315,49 @@ class PostHocEMACallback(Callback):
             raise ValueError(
                 f"the checkpoint's post-hoc EMA tracks have sigma_rels {stored}, this callback {self.sigma_rels}"
             )
-        self._pending = dict(state_dict)
-        self._tracks = None
+        prefix = state_dict.get(SHARDED_TRACKS_FIELD)
+        if prefix is None:
+            self._pending = dict(state_dict)
+            self._tracks = None
+            return
+        folder, pl_module = restoring if restoring is not None else (None, None)
+        if folder is None or pl_module is None or not folder.is_dir():
+            raise ValueError(
+                f"these post-hoc EMA tracks are sharded (the checkpoint's '{prefix}<i>.*' state_dict entries of a "
+                f"DCP folder), but they are restored from {folder}; resume from the checkpoint folder with an "
+                "FSDP2 strategy"
+            )
+        self._read_sharded(folder, prefix, pl_module, int(state_dict["step"]))
+
+    def _read_sharded(self, folder: Path, prefix: str, pl_module: pl.LightningModule, step: int) -> None:
+        """Read the track shards of this rank from the DCP folder (collective; DCP reshards another world size)."""
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint import load as dcp_load
+
+        named = list(pl_module.named_parameters())
+        names = [name for name, _ in named]
+        stored = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+        targets: dict[str, Tensor] = {}
+        for i in range(len(self.sigma_rels)):
+            head = f"{_DCP_STATE_DICT}.{prefix}{i}."
+            found = {key.removeprefix(head): meta for key, meta in stored.items() if key.startswith(head)}
+            missing, unexpected = sorted(set(names) - set(found)), sorted(set(found) - set(names))
+            if missing or unexpected:
+                raise ValueError(
+                    f"post-hoc EMA track {self.sigma_rels[i]} in {folder} does not match the model: missing "
+                    f"{missing[:5]}, unexpected {unexpected[:5]} ({len(missing)} missing, {len(unexpected)} unexpected)"
+                )
+            wrong = [n for n, p in named if tuple(getattr(found[n], "size", ())) != tuple(p.shape)]
+            if wrong:
+                raise ValueError(
+                    f"post-hoc EMA tensors in {folder} do not fit the parameters' shapes: {wrong[:5]}"
+                )
+            targets.update({f"{prefix}{i}.{name}": _empty_like_param(p) for name, p in named})
+        dcp_load({_DCP_STATE_DICT: targets}, checkpoint_id=str(folder))
+        self._module_ref = pl_module
+        self._names = names
+        self._tracks = [
+            [_local(targets[f"{prefix}{i}.{name}"]) for name in names] for i in range(len(self.sigma_rels))
+        ]
+        self._step = step
+        self._pending = None
