@@ -21,12 +21,13 @@ labels. Variants:
   TF32 matmuls as ``sample_ddp.py --tf32`` (its default; ``--no-released-tf32`` for plain fp32).
 - ``fp32``: ours, ``SiTModule.sample(labels, "released-ode-heun250-cfg1.5", noise=z)`` (the same
   Heun scheme and guidance in our sampler: one doubled batch of N conditional + N null rows), fp32
-  with TF32 off. The reference of the image differences.
+  weights with TF32 matmuls as ``sit-lightning sample`` runs by default (``--tf32``;
+  ``--no-fp32-tf32`` for IEEE fp32, about 5x slower on an H100). The reference of the differences.
 - ``bf16``: ``fp32`` under ``torch.autocast(dtype=bfloat16)`` (the network in bf16, the ODE state in fp32).
 - ``bf16_compile``: ``bf16`` with ``module.network.compile()``; compiled in a warm-up run.
 
-Each variant runs one untimed warm-up sample of ``--warmup-steps`` Heun steps (the compile variant a
-full batch, so that its measured runs do not compile), then the timed runs of all ``--num-samples``;
+Each variant runs one untimed warm-up batch of ``--warmup-steps`` Heun steps (where the compile
+variant compiles: the timed runs have the same shapes), then the timed runs of all ``--num-samples``;
 images/s = samples / seconds between two device synchronisations. Reported: images/s, the ratio to
 ``released``, peak memory, and the difference of each variant's samples to ``fp32``: the mean
 absolute difference of the latents and, with ``--vae`` (a local diffusers ``AutoencoderKL``), of the
@@ -299,6 +300,7 @@ def _run_variant(
     labels: Tensor,
     batch: int,
     released_tf32: bool,
+    fp32_tf32: bool = True,
 ) -> tuple[Tensor, int]:
     """All samples of one variant, ``batch`` at a time: ``(samples (N, C, H, W) float32, NFE per sample)``.
 
@@ -320,7 +322,7 @@ def _run_variant(
                 if variant in ("bf16", "bf16_compile")
                 else contextlib.nullcontext()
             )
-            with _tf32(False), autocast:
+            with _tf32(fp32_tf32 and variant == "fp32" and device.type == "cuda"), autocast:
                 result = module.sample(y, settings, noise=z, use_ema=False)
             samples, nfe = result.samples, result.nfe
         out.append(samples.float())
@@ -363,6 +365,8 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup-steps", type=int, default=DEFAULT_WARMUP_STEPS)
     parser.add_argument("--no-released-tf32", dest="released_tf32", action="store_false",
                         help="run the released path in plain fp32 (default: TF32, as sample_ddp.py)")  # fmt: skip
+    parser.add_argument("--no-fp32-tf32", dest="fp32_tf32", action="store_false",
+                        help="our fp32 reference in IEEE fp32 (default: TF32, as sit-lightning sample)")  # fmt: skip
     parser.add_argument("--compile-on-cpu", action="store_true")
     parser.add_argument("--device", type=torch.device, default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -401,6 +405,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
             "checkpoint": args.checkpoint,
             "vae": args.vae,
             "released_tf32": args.released_tf32 and device.type == "cuda",
+            "fp32_tf32": args.fp32_tf32 and device.type == "cuda",
             "command": " ".join(sys.argv if argv is None else ["sample_throughput.py", *argv]),
         },
     )
@@ -420,21 +425,20 @@ def main(argv: Sequence[str] | None = None) -> Report:
             row.note = "skipped on CPU (use --compile-on-cpu)"
             say(row.markdown())
             continue
-        if variant == "released":
-            row.note = "fp32 + TF32" if report.settings["released_tf32"] else "fp32"
+        if variant in ("released", "fp32"):
+            tf32 = args.released_tf32 if variant == "released" else args.fp32_tf32
+            row.note = "fp32 + TF32" if tf32 and device.type == "cuda" else "fp32"
         try:
-            if variant == "bf16_compile":  # compiled by a full warm-up batch, not in the timed runs
+            if variant == "bf16_compile":  # compiled in the warm-up (same batch shape), not in the timed runs
                 module.network.compile()  # in place, as SiTModule.configure_model does
-                warm = (settings, noise[:batch], labels[:batch])
-            else:
-                warm = (replace(settings, steps=args.warmup_steps), noise[:1], labels[:1])
-            _run_variant(variant, module, *warm, batch, args.released_tf32)
+            warm = (replace(settings, steps=args.warmup_steps), noise[:batch], labels[:batch])
+            _run_variant(variant, module, *warm, batch, args.released_tf32, args.fp32_tf32)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             _synchronize(device)
             start = time.perf_counter()
             samples, row.nfe = _run_variant(
-                variant, module, settings, noise, labels, batch, args.released_tf32
+                variant, module, settings, noise, labels, batch, args.released_tf32, args.fp32_tf32
             )
             _synchronize(device)
             row.seconds = time.perf_counter() - start

@@ -340,3 +340,45 @@ def test_sample_throughput_smoke_released_heun2_is_our_heun_and_bf16_is_close(tm
     y0, grid = torch.randn(3, 2, generator=torch.Generator().manual_seed(0)), torch.linspace(0, 1, 6)
     expected = torchdiffeq.odeint(field, y0, grid, method="heun2", atol=[1e-6], rtol=[1e-3])
     torch.testing.assert_close(bench.torchdiffeq_heun2(field, y0, grid), expected, rtol=0, atol=0)
+
+
+def test_issue12_summary_judges_each_goal_from_the_session_files(tmp_path: Path) -> None:
+    """benchmarks/issue12_summary.py: fit's img/s over the released recipe's, MFU against the measured rate,
+    keyed / unkeyed, the Lightning overhead, peak memory and the sampling goals; n/a where not measured."""
+    bench = _load_benchmark("issue12_summary")
+    train = {
+        "peak_tflops": 800.0,
+        "rows": [
+            {"model": "SiT-XL/2", "batch": 64, "recipe": "released", "images_per_sec": 170.0},
+            {"model": "SiT-XL/2", "batch": 64, "recipe": "bf16_compile", "images_per_sec": 600.0,
+             "vs_released": 600 / 170, "peak_gib": 30.0},
+            {"model": "SiT-XL/2", "batch": 64, "recipe": "bf16_compile_unkeyed", "images_per_sec": 605.0},
+            {"model": "SiT-B/2", "batch": 256, "recipe": "released", "images_per_sec": 765.0},
+        ],
+    }  # fmt: skip
+    flops = 3 * 2 * 118.6e9
+    fit = {"rows": [{"model": "SiT-XL/2", "batch": 64, "lightning_images_per_sec": 600.0, "plain_ms": 100.0,
+                     "lightning_ms": 102.0, "overhead": 0.02, "peak_gib": 33.0, "train_flops_per_image": flops}]}  # fmt: skip
+    sample = {"summary": {"best_variant": "bf16_compile", "speedup_vs_released": 2.5, "uint8_mad_vs_fp32": None,
+                          "latent_mad_vs_fp32": 0.01}}  # fmt: skip
+    for name, payload in (
+        ("train_throughput", train),
+        ("lightning_overhead", fit),
+        ("sample_throughput", sample),
+    ):
+        (tmp_path / f"{name}.json").write_text(json.dumps(payload))
+    goals = {g.name: g for g in bench.main(["--results", str(tmp_path)])}
+
+    xl = goals["SiT-XL/2 b64: fit's step vs released"]
+    assert xl.measured == pytest.approx(600 / 170) and xl.passed is True  # 3.53 >= 3.5
+    assert goals["SiT-XL/2 b64: MFU through fit"].measured == pytest.approx(600 * flops / 800e12)
+    assert goals["SiT-XL/2 b64: MFU through fit"].passed is False  # 0.534 < 0.55
+    assert goals["SiT-XL/2 b64: peak memory (GiB)"].measured == 33.0  # fit's run, the larger
+    assert goals["SiT-XL/2 b64: peak memory (GiB)"].passed is False
+    assert goals["SiT-XL/2: keyed / unkeyed draws (img/s)"].passed is True  # 600 / 605 > 0.98
+    assert goals["SiT-B/2: keyed / unkeyed draws (img/s)"].passed is None  # not measured
+    assert goals["SiT-B/2 b256: fit's step vs released"].passed is None  # no fit row
+    assert goals["SiT-XL/2 b64: Lightning overhead vs plain loop"].passed is True
+    assert goals["sampling: guided Heun 250 NFE img/s vs released heun2 (bf16_compile)"].passed is True
+    assert goals["sampling: uint8 MAD of bf16_compile vs our fp32"].passed is None  # no VAE
+    assert "| FAIL |" in (tmp_path / "issue12_summary.md").read_text()
