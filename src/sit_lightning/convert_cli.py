@@ -63,6 +63,10 @@ EMA_STATE_KEY = "EMACallback"
 #: sharded checkpoint the EMA tensors are ``state_dict`` entries under the prefix the field names.
 SHARDED_EMA_PREFIX = "_ema."
 SHARDED_EMA_FIELD = "ema_prefix"
+#: ``PostHocEMACallback.state_key`` and ``callbacks.posthoc_ema.SHARDED_TRACKS_FIELD``: in a sharded
+#: checkpoint its tracks are ``state_dict`` entries ``<prefix><i>.<name>`` (``i`` the track's index).
+POSTHOC_STATE_KEY = "PostHocEMACallback"
+SHARDED_TRACKS_FIELD = "tracks_prefix"
 #: Files that make a folder a sharded (DCP) Lightning checkpoint: the DCP index and Lightning's ``meta.pt``.
 _DCP_INDEX = ".metadata"
 _LIGHTNING_META = "meta.pt"
@@ -135,16 +139,29 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
 
 
 def _move_sharded_ema(checkpoint: dict[str, Any]) -> None:
-    """Move the EMA of a consolidated sharded checkpoint from ``state_dict`` into its callback state, in place."""
+    """Move the EMA (and post-hoc EMA tracks) of a consolidated sharded checkpoint from ``state_dict`` into
+    their callback states, in place, so that ``state_dict`` holds only the module's weights (what
+    ``SiTModule.load_from_checkpoint`` loads strictly) and the states look as a single-file save writes them.
+    """
     state_dict = checkpoint.get("state_dict")
     for key, state in (checkpoint.get("callbacks") or {}).items():
-        if not (str(key).startswith(EMA_STATE_KEY) and isinstance(state, dict)):
+        if not isinstance(state, dict):
             continue
-        prefix = state.pop(SHARDED_EMA_FIELD, None)
-        if prefix is None or not isinstance(state_dict, dict):
-            continue
-        names = [k for k in state_dict if k.startswith(prefix)]
-        state["ema"] = {k.removeprefix(prefix): state_dict.pop(k) for k in names}
+        if str(key).startswith(EMA_STATE_KEY):
+            prefix = state.pop(SHARDED_EMA_FIELD, None)
+            if prefix is None or not isinstance(state_dict, dict):
+                continue
+            names = [k for k in state_dict if k.startswith(prefix)]
+            state["ema"] = {k.removeprefix(prefix): state_dict.pop(k) for k in names}
+        elif str(key).startswith(POSTHOC_STATE_KEY):
+            prefix = state.pop(SHARDED_TRACKS_FIELD, None)
+            if prefix is None or not isinstance(state_dict, dict):
+                continue
+            tracks: list[dict[str, Tensor]] = [{} for _ in state.get("sigma_rels") or ()]
+            for k in [k for k in state_dict if k.startswith(prefix)]:
+                index, _, name = k.removeprefix(prefix).partition(".")
+                tracks[int(index)][name] = state_dict.pop(k)
+            state["tracks"] = tracks
 
 
 def consolidate(folder: str | Path) -> dict[str, Any]:

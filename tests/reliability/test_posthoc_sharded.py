@@ -260,3 +260,36 @@ def test_resume_under_fsdp2_is_bit_identical(runs: Path) -> None:
         for name in after:
             mine, theirs = load_file(runs / f"resumed-{tag}" / name), load_file(runs / "sharded" / name)
             assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine), name
+
+
+def test_a_consolidated_checkpoint_moves_the_track_shards_back_into_the_callback_state() -> None:
+    """``convert``'s consolidation: ``state_dict`` keeps only the weights (what ``sample`` loads strictly)
+    and the tracks return to the callback state in the single-file layout, which the callback loads."""
+    from sit_lightning import convert_cli
+    from sit_lightning.callbacks import posthoc_ema as callback_module
+
+    assert convert_cli.POSTHOC_STATE_KEY == PostHocEMACallback().state_key
+    assert convert_cli.SHARDED_TRACKS_FIELD == callback_module.SHARDED_TRACKS_FIELD
+    prefix = callback_module.SHARDED_TRACKS_PREFIX
+    weights = {"network.w": torch.randn(3, 2), "network.b": torch.randn(3)}
+    tracks = [{"w": torch.randn(3, 2), "b": torch.randn(3)} for _ in range(2)]
+    state_dict = dict(weights)
+    for i, track in enumerate(tracks):  # as on_save_checkpoint puts them into a sharded checkpoint
+        state_dict.update({f"{prefix}{i}.{name}": t for name, t in track.items()})
+    state = {
+        "sigma_rels": [0.05, 0.10],
+        "step": 7,
+        "tracks": None,
+        callback_module.SHARDED_TRACKS_FIELD: prefix,
+    }
+    checkpoint = {"state_dict": state_dict, "callbacks": {"PostHocEMACallback": state}}
+    convert_cli._move_sharded_ema(checkpoint)
+    assert checkpoint["state_dict"].keys() == weights.keys()
+    moved = checkpoint["callbacks"]["PostHocEMACallback"]
+    assert callback_module.SHARDED_TRACKS_FIELD not in moved
+    assert len(moved["tracks"]) == 2
+    for got, want in zip(moved["tracks"], tracks, strict=True):
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    callback = PostHocEMACallback(sigma_rels=(0.05, 0.10))
+    callback.load_state_dict(moved)  # the single-file layout: accepted, applied at train start
+    assert callback._pending is not None and callback._pending["tracks"] is moved["tracks"]
