@@ -44,6 +44,7 @@ turns that off. See docs/training.md, "Preemption".
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -174,7 +175,7 @@ class PreemptionCallback(Callback):
         self._install()
         self._take_over_from_lightning(trainer)
         self._pending = None
-        if trainer.world_size > 1 and self._group is None and torch.distributed.is_initialized():
+        if trainer.world_size > 1 and torch.distributed.is_initialized():
             self._group = torch.distributed.new_group(backend="gloo")  # every rank runs setup: collective
         # Save after every other callback has finished the step (the EMA update above all). A new list:
         # Lightning is iterating over the old one to call `setup`.
@@ -183,6 +184,10 @@ class PreemptionCallback(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._restore()
+            group, self._group, self._pending = self._group, None, None
+            if group is not None:  # one per fit: a later fit may run on a new default process group
+                with contextlib.suppress(Exception):
+                    torch.distributed.destroy_process_group(group)
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
