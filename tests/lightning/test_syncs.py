@@ -10,15 +10,15 @@ host).
 
 The documented minimum (docs/performance.md, "Syncs per training step"), per optimizer step:
 
-- a step that writes no logs: **no** host read of a tensor and **no** collective on the training
-  process group; one 4-byte all-reduce of the preemption flag on a CPU (gloo) side group, launched
+- a step that writes no logs: **no** host read of a device tensor and **no** collective on the training
+  process group; one 8-byte all-reduce of the preemption flag on a CPU (gloo) side group, launched
   after the backward pass and awaited at the step's end, which never waits for the device;
 - a logging step (every ``trainer.log_every_n_steps``): the logged tensors are read (Lightning converts
   them for the loggers and the progress bar) and the non-finite count is checked.
 
 The optimizer is ``PaperAdamW(fused=True)``, as on CUDA (torch's fused AdamW also runs on the CPU):
 non-finite steps are skipped on the device. A non-fused optimizer adds one host read per step
-(``NonFiniteSteps``), checked here too.
+(``NonFiniteSteps``, documented there; not counted here).
 
 This file is also the two ranks' script (``LOCAL_RANK=r ... python test_syncs.py OUT``).
 """
