@@ -88,7 +88,6 @@ def run_one(arm: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     from sit_lightning.callbacks import FIDCallback, PostHocEMACallback
     from sit_lightning.cli import SiTLightningCLI
     from sit_lightning.module import SiTModule
-    from sit_lightning.posthoc_ema import list_snapshots, synthesize
     from sit_lightning.sampling import SamplerSettings
 
     run_dir = args.out / f"{arm}-s{seed}"
@@ -108,7 +107,6 @@ def run_one(arm: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     scorer = {"seed": 0, "settings": settings, "batch_size": 500, "cache_dir": str(cache), "report": False}
     curve = FIDCallback(every_n_steps=args.eval_every, num_samples=args.curve_samples, floor=False, **scorer)
     demo = FIDCallback(num_samples=args.demo_samples, cfg_scales=list(DEMO_CFG), **scorer)
-    demo.every_n_steps = 0  # the final report only (it runs at the end of training)
     cli.trainer.callbacks += [curve, demo]
     posthoc = None
     if args.posthoc and (arm, seed) == (args.arms[0], args.seeds[0]):
@@ -141,28 +139,69 @@ def run_one(arm: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
         ],
     }
     if posthoc is not None:
-        module = cli.model
-        live = {k: v.detach().clone() for k, v in module.state_dict().items()}
-        scorer_live = FIDCallback(num_samples=args.demo_samples, cfg_scales=[1.0], use_ema=False, **scorer)
-        sweep = []
-        snapshots = list_snapshots(posthoc.directory)
-        for sigma_rel in args.sigma_rels:
-            synthesis = synthesize(snapshots, sigma_rel)
-            missing = module.load_state_dict(synthesis.weights, strict=False)
-            assert not missing.unexpected_keys, missing.unexpected_keys
-            (r,) = scorer_live.evaluate(cli.trainer, module)
-            sweep.append(
-                {
-                    "sigma_rel": sigma_rel,
-                    "fit_error": synthesis.fit_error,
-                    "accuracy": r.conditional_accuracy,
-                    "fid": r.fid,
-                    "n": r.num_samples,
-                }
-            )
-        module.load_state_dict(live)
+        sweep = posthoc_sweep(
+            cli.model, cli.trainer, posthoc.directory, args.sigma_rels, args.demo_samples, scorer
+        )
         row["posthoc"] = {"tracks": list(TRACKS), "snapshot_every": args.snapshot_every, "sweep": sweep}
     return row
+
+
+def posthoc_sweep(
+    module: Any, trainer: Any, snapshot_dir: Path, sigma_rels: list[float], samples: int, scorer: dict
+) -> list[dict[str, Any]]:
+    """Score the post-hoc EMA of each ``sigma_rel`` (synthesised from the snapshots at the last step) like
+    the demo's unguided report; the module's weights are put back afterwards."""
+    from sit_lightning.callbacks import FIDCallback
+    from sit_lightning.posthoc_ema import list_snapshots, synthesize
+
+    live = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    score = FIDCallback(num_samples=samples, cfg_scales=[1.0], use_ema=False, **scorer)
+    snapshots = list_snapshots(snapshot_dir)
+    sweep = []
+    for sigma_rel in sigma_rels:
+        synthesis = synthesize(snapshots, sigma_rel)
+        loaded = module.load_state_dict(synthesis.weights, strict=False)  # parameters only, no buffers
+        assert not loaded.unexpected_keys, loaded.unexpected_keys
+        (r,) = score.evaluate(trainer, module)
+        sweep.append(
+            {
+                "sigma_rel": sigma_rel,
+                "fit_error": synthesis.fit_error,
+                "accuracy": r.conditional_accuracy,
+                "fid": r.fid,
+                "n": r.num_samples,
+            }
+        )
+        print(f"sigma_rel {sigma_rel:g}: {sweep[-1]}", flush=True)
+    module.load_state_dict(live)
+    return sweep
+
+
+def sweep_finished_run(
+    checkpoint: Path, snapshot_dir: Path, args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """:func:`posthoc_sweep` of a run trained elsewhere (``sit-lightning fit`` with a PostHocEMACallback)."""
+    from types import SimpleNamespace
+
+    from sit_lightning.data import DigitsDataModule
+    from sit_lightning.module import SiTModule
+    from sit_lightning.sampling import SamplerSettings
+
+    module = SiTModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=False).eval()
+    # what FIDCallback.evaluate reads of a trainer, for one process
+    trainer = SimpleNamespace(
+        datamodule=DigitsDataModule(),
+        global_rank=0,
+        world_size=1,
+        global_step=0,
+        loggers=[],
+        strategy=SimpleNamespace(reduce=lambda value, reduce_op: value),
+    )
+    settings = SamplerSettings(**{**HEUN16, "steps": args.heun_steps})
+    scorer = {"seed": 0, "settings": settings, "batch_size": 500, "cache_dir": str(args.out / "cache")}
+    return posthoc_sweep(
+        module, trainer, snapshot_dir, args.sigma_rels, args.demo_samples, {**scorer, "report": False}
+    )
 
 
 # ---- tables and plot -----------------------------------------------------------------------------
@@ -268,7 +307,9 @@ def plot(rows: list[dict], path: Path) -> None:
         axes[1].axhline(floor, color="grey", lw=0.8, ls=":", label="floor (train vs test)")
         axes[1].axhline(1.1 * floor, color="grey", lw=0.8, ls="-.", label="1.1 x floor")
     axes[0].set(xlabel="training step", ylabel="conditional accuracy (%)", title="accuracy, unguided")
-    axes[1].set(xlabel="training step", ylabel="FID (digits judge)", title="FID, unguided")
+    axes[1].set(
+        xlabel="training step", ylabel="FID (digits judge), log scale", title="FID, unguided", yscale="log"
+    )
     for ax in axes[:2]:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
@@ -280,11 +321,12 @@ def plot(rows: list[dict], path: Path) -> None:
         if floor is not None:
             ax.axhline(1.1 * floor, color="grey", lw=0.8, ls="-.", label="1.1 x floor")
         ax.axhline(_final(r, 1.0)["fid"], color="tab:green", lw=0.8, ls=":", label="FID of the EMA 0.995")
-        ax.set(xlabel="sigma_rel", ylabel="FID", title=f"post-hoc EMA, {r['arm']} seed {r['seed']}, unguided")
+        ax.set(xlabel="sigma_rel", ylabel="FID, log scale", yscale="log")
+        ax.set_title(f"post-hoc EMA at step {r['steps']}, {r['arm']} seed {r['seed']}, unguided")
         twin = ax.twinx()
         twin.plot(s, [100 * p["accuracy"] for p in r["posthoc"]["sweep"]], marker="s", color="tab:red")
         twin.set_ylabel("conditional accuracy (%)", color="tab:red")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="center left")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -311,11 +353,30 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per subprocess")
     parser.add_argument("--smoke", action="store_true", help="tiny network and sample counts (CPU seconds)")
     parser.add_argument(
-        "--override", dest="overrides", nargs=2, action="append", default=[], metavar=("KEY", "VALUE")
+        "--override",
+        dest="overrides",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("KEY", "VALUE"),
+        help="a config override for every run, e.g. model.objective.init_args.time_sampler '{...}'",
+    )
+    parser.add_argument(
+        "--aggregate",
+        action="store_true",
+        help="only tabulate and plot the <arm>-s<seed>.json already in --out",
+    )
+    parser.add_argument(
+        "--sweep-run",
+        nargs=2,
+        type=Path,
+        metavar=("CHECKPOINT", "SNAPSHOT_DIR"),
+        help="only the post-hoc EMA sweep of a finished fit (its last.ckpt and PostHocEMACallback folder)",
     )
     parser.add_argument("--one", nargs=2, metavar=("ARM", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    args.overrides = [item for pair in args.overrides for item in pair]
+    # KEY without its leading dashes (argparse would take "--model..." for an option of its own)
+    args.overrides = [item for key, value in args.overrides for item in (f"--{key.lstrip('-')}", value)]
     if args.smoke:
         args.steps, args.eval_every = SMOKE["steps"], SMOKE["eval_every"]
         args.curve_samples, args.demo_samples = SMOKE["curve_samples"], SMOKE["demo_samples"]
@@ -335,13 +396,17 @@ def worker_command(args: argparse.Namespace, arm: str, seed: int) -> list[str]:
     cmd += ["--snapshot-every", str(args.snapshot_every), "--sigma-rels", *map(str, args.sigma_rels)]
     cmd += [] if args.posthoc else ["--no-posthoc"]
     for key, value in zip(args.overrides[::2], args.overrides[1::2], strict=True):
-        cmd += ["--override", key, value]
+        cmd += ["--override", key.lstrip("-"), value]
     return cmd
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.sweep_run is not None:
+        sweep = sweep_finished_run(*args.sweep_run, args)
+        (args.out / "posthoc_sweep.json").write_text(json.dumps(sweep, indent=1))
+        return 0
     if args.one is not None:  # a worker: train, score, write the row
         arm, seed = args.one[0], int(args.one[1])
         row = run_one(arm, seed, args)
@@ -350,7 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     queue = [(arm, seed) for seed in args.seeds for arm in args.arms]
     rows: list[dict] = []
     start = time.perf_counter()
-    if args.jobs == 0:
+    if args.aggregate:
+        rows = [json.loads((args.out / f"{arm}-s{seed}.json").read_text()) for arm, seed in queue]
+    elif args.jobs == 0:
         rows = [run_one(arm, seed, args) for arm, seed in queue]
     else:
         # the judge, its reference statistics and the encoder are cached by the first run: train them once
@@ -382,7 +449,9 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append({"arm": arm, "seed": seed, "error": log_text[-2000:]})
                 print(f"{arm}-s{seed} done after {time.perf_counter() - start:.0f} s", flush=True)
         rows.sort(key=lambda r: (r["seed"], args.arms.index(r["arm"])))
-    summary = {"wall_seconds": time.perf_counter() - start, "command": sys.argv, "rows": rows}
+    summary = {"command": sys.argv, "rows": rows}
+    if not args.aggregate:
+        summary["wall_seconds"] = time.perf_counter() - start
     (args.out / "results.json").write_text(json.dumps(summary, indent=1))
     table = markdown(rows)
     (args.out / "results.md").write_text(table)
