@@ -20,6 +20,7 @@ from typing import IO, Any, NamedTuple, Protocol
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from .data.contract import TrainingData, require
@@ -330,6 +331,8 @@ class SiTModule(LightningModule):
                 for_what="SiTModule (to check the data against the network before the first step)",
             )
             self.check_data(latent_shape=data.latent_shape, num_classes=data.num_classes)
+            if stage == "fit":
+                self.check_repa_inputs(getattr(datamodule, "repa_inputs", None))
         # The network's label-range check reads label values: one host-device sync per forward, which
         # stalls an asynchronous GPU loop. Labels from our datamodules are checked when written, and
         # an out-of-range label still fails inside nn.Embedding.
@@ -346,6 +349,34 @@ class SiTModule(LightningModule):
     def on_fit_start(self) -> None:
         for encoder in self._repa_encoder:  # not a submodule: Lightning does not move it
             encoder.to(self.device)
+
+    def check_repa_inputs(self, repa_inputs: str | None) -> None:
+        """Raise :class:`ConfigurationError` if the datamodule's ``repa_inputs`` cannot feed this module's REPA.
+
+        ``repa_inputs``: what a :class:`~sit_lightning.data.LatentDataModule` adds to each batch
+        (``"none"``, ``"image"``, ``"features"``), or None for a datamodule that does not say (nothing to
+        check: the first training batch then tells). Checked at setup, so a mismatch fails before step 1.
+        """
+        if repa_inputs is None:
+            return
+        if self.repa is None:
+            if repa_inputs != "none":
+                rank_zero_warn(
+                    f"data.repa_inputs is {repa_inputs!r} but model.repa is null: the datamodule reads "
+                    "what REPA would align with and nothing uses it; set data.repa_inputs: none"
+                )
+            return
+        if repa_inputs == "none":
+            raise ConfigurationError(
+                "model.repa is set but data.repa_inputs is 'none': REPA needs the clean image "
+                "(repa_inputs: image, with model.repa.encoder) or precomputed encoder features "
+                "(repa_inputs: features)"
+            )
+        if repa_inputs == "image" and self.repa.encoder is None:
+            raise ConfigurationError(
+                "data.repa_inputs is 'image' but model.repa.encoder is null: set model.repa.encoder to the "
+                "frozen encoder that turns images into features, or use repa_inputs: features"
+            )
 
     def check_data(self, latent_shape: Sequence[int] | None = None, num_classes: int | None = None) -> None:
         """Raise :class:`ShapeMismatchError` if data of this shape / class count cannot feed the network.

@@ -237,3 +237,30 @@ def test_a_repa_fit_step_runs_with_each_input_and_both_give_the_same_targets(
     targets = online.repa_targets(image)
     assert targets.shape == stored["repa_features"].shape == (8, 16, WIDTH)
     torch.testing.assert_close(stored["repa_features"].float(), targets, rtol=2e-3, atol=2e-3)
+
+
+def test_a_repa_module_and_its_datamodules_inputs_are_checked_before_the_first_step(
+    fit_shards: Path, encoder_weights: Path
+) -> None:
+    cases = [  # (module's REPA, datamodule's repa_inputs, the words the one-line error must hold)
+        (_repa(encoder_weights, online=False), "image", "model.repa.encoder is null"),
+        (_repa(encoder_weights, online=True), "none", "data.repa_inputs is 'none'"),
+    ]
+    steps: list[str] = []
+
+    class _Count(pl.Callback):
+        def on_train_batch_start(self, *args) -> None:  # noqa: ANN002
+            steps.append("step")
+
+    for repa, inputs, words in cases:
+        module = SiTModule(arch=SiTConfig(**TINY_ARCH), repa=repa)
+        trainer = pl.Trainer(**trainer_kwargs(max_steps=1, callbacks=[_Count()]))
+        with pytest.raises(ConfigurationError, match=words):
+            trainer.fit(module, datamodule=_datamodule(fit_shards, flip=False, repa_inputs=inputs))
+        assert not steps, inputs
+    # REPA off with images read for nothing: a warning, and training goes on
+    module = SiTModule(arch=SiTConfig(**TINY_ARCH))
+    with pytest.warns(UserWarning, match="model.repa is null"):
+        pl.Trainer(**trainer_kwargs(max_steps=1)).fit(
+            module, datamodule=_datamodule(fit_shards, flip=False, repa_inputs="image")
+        )
