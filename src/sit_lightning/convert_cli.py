@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -357,15 +356,11 @@ def convert_main(argv: list[str] | None = None) -> int:
     """
     from jsonargparse import auto_cli
 
-    if argv is None:
-        argv = sys.argv[1:]
-        if argv[:1] == [CONVERT_SUBCOMMAND]:
-            argv = argv[1:]
-    try:
+    from .errors import exit_in_one_line, subcommand_argv
+
+    argv = subcommand_argv(CONVERT_SUBCOMMAND, argv)
+    with exit_in_one_line(CONVERT_SUBCOMMAND, ValueError, OSError, RuntimeError, pickle.UnpicklingError):
         result = auto_cli(convert_checkpoint, args=argv, prog=f"sit-lightning {CONVERT_SUBCOMMAND}")
-    except (ValueError, OSError, RuntimeError, pickle.UnpicklingError) as err:
-        print(f"sit-lightning {CONVERT_SUBCOMMAND}: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
     print(
         f"wrote {result.output} ({result.to}: {result.weights}, {result.arch}, learn_sigma={result.learn_sigma})"
     )

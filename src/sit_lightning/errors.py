@@ -8,9 +8,12 @@ ours and no Lightning.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = [
@@ -19,8 +22,10 @@ __all__ = [
     "DataNotFoundError",
     "OutputFolderError",
     "ShapeMismatchError",
+    "exit_in_one_line",
     "one_line_message",
     "require_writable_folder",
+    "subcommand_argv",
 ]
 
 _WORKER_TRACEBACK = "\nOriginal Traceback"  # how torch's DataLoader re-raises a worker's exception
@@ -95,3 +100,24 @@ def require_writable_folder(path: str | os.PathLike, *, setting: str, min_free_b
             f"{setting} {str(path)!r} has {free / _MIB:.1f} MiB free at {existing}, a checkpoint needs about "
             f"{min_free_bytes / _MIB:.1f} MiB; free some space or choose another folder"
         )
+
+
+def subcommand_argv(subcommand: str, argv: list[str] | None) -> list[str]:
+    """The arguments of a standalone ``sit-lightning <subcommand>``: ``argv`` as given, else ``sys.argv``
+    without the program and the subcommand's name (``sit-lightning sample a.ckpt ...`` -> ``[a.ckpt, ...]``)."""
+    if argv is not None:
+        return argv
+    argv = sys.argv[1:]
+    return argv[1:] if argv[:1] == [subcommand] else argv
+
+
+@contextlib.contextmanager
+def exit_in_one_line(subcommand: str, *errors: type[BaseException]) -> Iterator[None]:
+    """Turn ``errors`` raised inside into ``sit-lightning <subcommand>: error: <one line>`` on stderr and
+    exit status 2, as the ``fit`` command does with a :class:`ConfigurationError`: the user's input was bad,
+    and a traceback would hide the message."""
+    try:
+        yield
+    except errors as err:
+        print(f"sit-lightning {subcommand}: error: {one_line_message(err)}", file=sys.stderr)
+        raise SystemExit(2) from None

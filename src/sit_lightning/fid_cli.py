@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -331,10 +330,9 @@ def fid_main(argv: list[str] | None = None) -> int:
     """
     from jsonargparse import ArgumentParser
 
-    if argv is None:
-        argv = sys.argv[1:]
-        if argv[:1] == [FID_SUBCOMMAND]:
-            argv = argv[1:]
+    from .errors import exit_in_one_line, subcommand_argv
+
+    argv = subcommand_argv(FID_SUBCOMMAND, argv)
     parser = ArgumentParser(
         prog=f"sit-lightning {FID_SUBCOMMAND}",
         description="FID of samples against a reference, with IS (Inception) and conditional accuracy; "
@@ -344,10 +342,7 @@ def fid_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", type=OutputFormat, default="text", help="text report or one JSON object")
     config = parser.parse_args(argv)
     options = {k: v for k, v in config.as_dict().items() if k != "format"}
-    try:
+    with exit_in_one_line(FID_SUBCOMMAND, ValueError, OSError, ImportError, RuntimeError):
         report = measure_fid(**options)
-    except (ValueError, OSError, ImportError, RuntimeError) as err:
-        print(f"sit-lightning {FID_SUBCOMMAND}: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
     print(json.dumps(report.as_dict()) if config.format == "json" else report.text())
     return 0

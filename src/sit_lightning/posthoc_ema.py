@@ -46,7 +46,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -627,15 +626,11 @@ def posthoc_ema_main(argv: list[str] | None = None) -> int:
     """
     from jsonargparse import auto_cli
 
-    if argv is None:
-        argv = sys.argv[1:]
-        if argv[:1] == [POSTHOC_EMA_SUBCOMMAND]:
-            argv = argv[1:]
-    try:
+    from .errors import exit_in_one_line, subcommand_argv
+
+    argv = subcommand_argv(POSTHOC_EMA_SUBCOMMAND, argv)
+    with exit_in_one_line(POSTHOC_EMA_SUBCOMMAND, ValueError, OSError):
         result = auto_cli(synthesize_posthoc_ema, args=argv, prog=f"sit-lightning {POSTHOC_EMA_SUBCOMMAND}")
-    except (ValueError, OSError) as err:
-        print(f"sit-lightning {POSTHOC_EMA_SUBCOMMAND}: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
     largest = ", ".join(f"step {t} sigma_rel {s:g}: {c:+.4f}" for t, s, c in _largest(result.coefficients, 4))
     print(
         f"wrote {result.output} (EMA sigma_rel {result.sigma_rel:g} at step {result.step}, from "

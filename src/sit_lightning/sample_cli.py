@@ -403,17 +403,11 @@ def sample_main(argv: list[str] | None = None) -> int:
 
     from jsonargparse import auto_cli
 
-    from .errors import one_line_message
+    from .errors import exit_in_one_line, subcommand_argv
 
-    if argv is None:
-        argv = sys.argv[1:]
-        if argv[:1] == [SAMPLE_SUBCOMMAND]:
-            argv = argv[1:]
-    try:
+    argv = subcommand_argv(SAMPLE_SUBCOMMAND, argv)
+    with exit_in_one_line(SAMPLE_SUBCOMMAND, ValueError, OSError, pickle.UnpicklingError):
         run = auto_cli(sample_images, args=argv, prog=f"sit-lightning {SAMPLE_SUBCOMMAND}")
-    except (ValueError, OSError, pickle.UnpicklingError) as err:
-        print(f"sit-lightning {SAMPLE_SUBCOMMAND}: error: {one_line_message(err)}", file=sys.stderr)
-        raise SystemExit(2) from None
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
     if rank_zero_only.rank == 0:
