@@ -22,7 +22,7 @@ ALLOWED: dict[str, set[str]] = {
     "repa": {"errors"},  # REPA's projector, loss and frozen-encoder plumbing (no Lightning)
     "sampling": {"interpolants", "errors"},
     "evaluation": {"randomness", "errors", "atomic"},
-    "data": {"randomness", "evaluation", "errors", "repa"},  # evaluation: the one SD_VAE_SCALE; repa: features
+    "data": {"randomness", "evaluation", "errors", "repa", "atomic"},  # evaluation: the one SD_VAE_SCALE; repa: features
     "posthoc_ema": {"atomic", "errors"},  # post-hoc EMA math, snapshot files and the posthoc-ema command (no Lightning)
     "callbacks": {"data", "evaluation", "sampling", "randomness", "errors", "posthoc_ema"},
     "checkpoint_io": {"atomic"},  # Lightning half: atomic checkpoint writes, a `last` that loads

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..atomic import write_atomically
 from ..errors import DataError, DataNotFoundError
 from ..evaluation.images import SD_VAE_SCALE  # the one definition; re-exported here
 
@@ -83,22 +84,16 @@ StorageDtype = Literal["float32", "float16"]
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON through a temporary file and ``os.replace`` (a reader never sees half a file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write JSON atomically (:func:`~sit_lightning.atomic.write_atomically`: a reader never sees half a file)."""
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=1)))
 
 
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a name
+            np.save(f, array, allow_pickle=False)
+
+    write_atomically(path, write)
 
 
 class NpyHeader(NamedTuple):
