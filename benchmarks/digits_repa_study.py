@@ -25,7 +25,10 @@ writes) and scored like the demo's final report.
 Usage (docs/repa_digits.md has the measured tables)::
 
     nice -n 5 python benchmarks/digits_repa_study.py --out runs/repa_study --jobs 2
+    python benchmarks/digits_repa_study.py --out runs/repa_study --aggregate  # tables and plot of finished runs
     python benchmarks/digits_repa_study.py --smoke --out /tmp/repa_smoke      # seconds, for the tests
+    # the sweep alone, of a `sit-lightning fit` that had a PostHocEMACallback:
+    python benchmarks/digits_repa_study.py --out runs/sweep --sweep-run LAST_CKPT SNAPSHOT_DIR
 
 Writes ``results.json``, ``results.md`` and ``repa_digits.png`` into ``--out``.
 """
