@@ -9,8 +9,10 @@ import torch
 
 from cli_runner import run_cli
 from sit_lightning.data import DigitsDataModule
+from sit_lightning.errors import ConfigurationError
 from sit_lightning.evaluation.digits_encoder import DIGITS_ENCODER_FEATURES, DigitsEncoder
 from sit_lightning.models.sit import PatchEmbed
+from sit_lightning.module import SiTModule
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 GRID = 4  # 8x8 pixels in 2x2 patches
@@ -75,10 +77,25 @@ def test_batches_carry_the_features_of_their_own_images(cache_dir: Path) -> None
     with torch.no_grad():
         accuracy = (encoder(test.x).argmax(dim=1) == test.y).float().mean().item()
     assert accuracy > 0.9
-    # opt-in: without the flag the batches are the plain contract
+    # opt-in: without the flag the batches are the plain contract, and a REPA module refuses it before step 1
     plain = DigitsDataModule(global_batch_size=64)
     plain.setup("fit")
     assert "repa_features" not in next(iter(plain.train_dataloader()))
+    assert (datamodule.repa_inputs, plain.repa_inputs) == ("features", "none")
+    arch = {
+        "input_size": 8,
+        "in_channels": 1,
+        "depth": 2,
+        "hidden_size": 32,
+        "num_heads": 2,
+        "learn_sigma": False,
+    }
+    module = SiTModule(
+        arch=arch, repa={"encoder": None, "encoder_depth": 2, "projector_dim": 8, "feature_dim": 64}
+    )
+    module.check_repa_inputs(datamodule.repa_inputs)
+    with pytest.raises(ConfigurationError, match="data.repa_inputs is 'none'"):
+        module.check_repa_inputs(plain.repa_inputs)
 
 
 def test_a_repa_digits_fit_runs_through_the_cli(tmp_path: Path, cache_dir: Path) -> None:

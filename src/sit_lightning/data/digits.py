@@ -100,6 +100,14 @@ class DigitsDataModule(SampleStreamDataModule):
     latent_shape = DIGITS_SHAPE  # (C, H, W) the model sees
     num_classes = DIGITS_NUM_CLASSES
 
+    @property
+    def repa_inputs(self) -> str:
+        """What the batches carry for REPA (as ``LatentDataModule.repa_inputs``): ``features`` or ``none``.
+
+        ``SiTModule`` checks it against ``model.repa`` before the first step.
+        """
+        return "features" if self.repa_features else "none"
+
     @cached_property
     def _split(self) -> tuple[LabelledImages, LabelledImages]:
         from sklearn.datasets import load_digits
