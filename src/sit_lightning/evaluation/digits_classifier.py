@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -136,12 +138,44 @@ def train_digits_classifier(
     return model.eval().requires_grad_(False)
 
 
-def _cache_key(images: Tensor, labels: Tensor, recipe: DigitsClassifierRecipe) -> str:
+def _cache_key(images: Tensor, labels: Tensor, recipe: Any) -> str:
+    """16 hex digits of a hash of the training images, labels and the recipe (a dataclass)."""
     h = hashlib.sha256()
     h.update(images.detach().float().cpu().contiguous().numpy().tobytes())
     h.update(labels.detach().long().cpu().contiguous().numpy().tobytes())
     h.update(repr(sorted(asdict(recipe).items())).encode())
     return h.hexdigest()[:16]
+
+
+def load_or_train_cached(
+    name: str,
+    images: Tensor,
+    labels: Tensor,
+    recipe: Any,
+    cache_dir: str | Path | None,
+    build: Callable[[], nn.Module],
+    train: Callable[[], nn.Module],
+) -> nn.Module:
+    """``train()``'s model, or the one cached as ``<cache_dir>/<name>-<hash>.pt`` by an earlier call.
+
+    The hash covers the images, the labels and the recipe, so a different split or recipe never reuses
+    stale weights; ``cache_dir=None`` trains without caching. ``build()`` makes the untrained model the
+    cached weights load into. The file is written atomically per process (parallel runs or DDP ranks may
+    write at once; a reader never sees half a file). The model comes back in eval mode, frozen.
+    """
+    if cache_dir is None:
+        return train().eval().requires_grad_(False)
+    path = Path(cache_dir) / f"{name}-{_cache_key(images, labels, recipe)}.pt"
+    if path.is_file():
+        model = build()
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return model.eval().requires_grad_(False)
+    model = train()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    torch.save(model.state_dict(), tmp)
+    tmp.replace(path)
+    return model.eval().requires_grad_(False)
 
 
 def load_or_train_digits_classifier(
@@ -156,16 +190,14 @@ def load_or_train_digits_classifier(
     recipe never reuses stale weights. ``cache_dir=None`` trains without caching.
     """
     recipe = recipe or DigitsClassifierRecipe()
-    if cache_dir is None:
-        return train_digits_classifier(images, labels, recipe)
-    path = Path(cache_dir) / f"digits_classifier-{_cache_key(images, labels, recipe)}.pt"
-    if path.is_file():
-        model = DigitsClassifier(recipe.hidden, recipe.num_features, int(labels.max()) + 1)
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return model.eval().requires_grad_(False)
-    model = train_digits_classifier(images, labels, recipe)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: DDP ranks may write at once
-    torch.save(model.state_dict(), tmp)
-    tmp.replace(path)  # atomic: a concurrent reader never sees half a file
+    model = load_or_train_cached(
+        "digits_classifier",
+        images,
+        labels,
+        recipe,
+        cache_dir,
+        build=lambda: DigitsClassifier(recipe.hidden, recipe.num_features, int(labels.max()) + 1),
+        train=lambda: train_digits_classifier(images, labels, recipe),
+    )
+    assert isinstance(model, DigitsClassifier)
     return model

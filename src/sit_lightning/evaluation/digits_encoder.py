@@ -21,13 +21,13 @@ hash of the training data and the recipe, like the judge's.
 
 from __future__ import annotations
 
-import hashlib
-import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from .digits_classifier import load_or_train_cached
 
 __all__ = [
     "DIGITS_ENCODER_FEATURES",
@@ -132,14 +132,6 @@ def train_digits_encoder(
     return model.eval().requires_grad_(False)
 
 
-def _cache_key(images: Tensor, labels: Tensor, recipe: DigitsEncoderRecipe) -> str:
-    h = hashlib.sha256()
-    h.update(images.detach().float().cpu().contiguous().numpy().tobytes())
-    h.update(labels.detach().long().cpu().contiguous().numpy().tobytes())
-    h.update(repr(sorted(asdict(recipe).items())).encode())
-    return h.hexdigest()[:16]
-
-
 def load_or_train_digits_encoder(
     images: Tensor,
     labels: Tensor,
@@ -152,16 +144,14 @@ def load_or_train_digits_encoder(
     recipe never reuses stale weights. ``cache_dir=None`` trains without caching.
     """
     recipe = recipe or DigitsEncoderRecipe()
-    if cache_dir is None:
-        return train_digits_encoder(images, labels, recipe)
-    path = Path(cache_dir) / f"digits_encoder-{_cache_key(images, labels, recipe)}.pt"
-    if path.is_file():
-        model = DigitsEncoder(recipe.width, recipe.num_features, int(labels.max()) + 1)
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return model.eval().requires_grad_(False)
-    model = train_digits_encoder(images, labels, recipe)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: parallel runs may write at once
-    torch.save(model.state_dict(), tmp)
-    tmp.replace(path)  # atomic: a concurrent reader never sees half a file
+    model = load_or_train_cached(
+        "digits_encoder",
+        images,
+        labels,
+        recipe,
+        cache_dir,
+        build=lambda: DigitsEncoder(recipe.width, recipe.num_features, int(labels.max()) + 1),
+        train=lambda: train_digits_encoder(images, labels, recipe),
+    )
+    assert isinstance(model, DigitsEncoder)
     return model
