@@ -265,18 +265,27 @@ def save_snapshot(tensors: Mapping[str, Tensor], directory: str | Path, step: in
     A crash while writing leaves the file complete or absent (and a ``.tmp`` only if the process dies
     between write and rename). Tensors are copied to the CPU and made contiguous.
     """
+    return _write_snapshot_file(
+        tensors, Path(directory) / snapshot_name(step, sigma_rel), step, sigma_rel, {}
+    )
+
+
+def _write_snapshot_file(
+    tensors: Mapping[str, Tensor], path: Path, step: int, sigma_rel: float, extra: Mapping[str, str]
+) -> Path:
+    """The one writer of snapshot files: CPU contiguous copies, the step / sigma_rel / gamma metadata
+    (plus ``extra``), atomically (:func:`~sit_lightning.atomic.write_atomically`)."""
     from safetensors.torch import save_file
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     cpu = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
     metadata = {
         "format": "pt",
         STEP_KEY: str(int(step)),
         SIGMA_REL_KEY: repr(float(sigma_rel)),
         GAMMA_KEY: repr(sigma_rel_to_gamma(sigma_rel)),
+        **extra,
     }
-    path = directory / snapshot_name(step, sigma_rel)
     return write_atomically(path, lambda staging: save_file(cpu, str(staging), metadata=metadata))
 
 
@@ -300,8 +309,6 @@ def save_snapshot_shard(
     Raises:
         ValueError: a shard does not fit inside its full tensor at its offset, or a place is missing.
     """
-    from safetensors.torch import save_file
-
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, {world_size}); got {rank}")
     if tensors.keys() != places.keys():
@@ -311,20 +318,13 @@ def save_snapshot_shard(
         shape, offset = (tuple(int(n) for n in v) for v in places[name])
         _check_place(name, tuple(t.shape), shape, offset, f"rank {rank}")
         layout[name] = {"shape": list(shape), "offset": list(offset)}
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    cpu = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
-    metadata = {
-        "format": "pt",
-        STEP_KEY: str(int(step)),
-        SIGMA_REL_KEY: repr(float(sigma_rel)),
-        GAMMA_KEY: repr(sigma_rel_to_gamma(sigma_rel)),
+    extra = {
         RANK_KEY: str(int(rank)),
         WORLD_SIZE_KEY: str(int(world_size)),
         LAYOUT_KEY: json.dumps(layout, separators=(",", ":")),
     }
-    path = directory / shard_name(step, sigma_rel, rank, world_size)
-    return write_atomically(path, lambda staging: save_file(cpu, str(staging), metadata=metadata))
+    path = Path(directory) / shard_name(step, sigma_rel, rank, world_size)
+    return _write_snapshot_file(tensors, path, step, sigma_rel, extra)
 
 
 def _check_place(
