@@ -39,7 +39,7 @@ Time convention: t = 0 is noise, t = 1 is data (``interpolants.py``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, get_args
 
 from ..errors import ConfigurationError
@@ -177,15 +177,9 @@ def _repa_sde() -> SamplerSettings:
     velocity). REPA issue #52 calls ``2 t`` a typo against the paper's ``sigma_t = t``; FID 1.42 is
     what the code ran, so the preset keeps it.
     """
-    coefficient, factor = RELEASED_FORMS[RELEASED_SDE_FORM]
-    return SamplerSettings(
-        sampler="sde",
-        method="euler",
-        steps=RELEASED_NUM_SAMPLING_STEPS,
-        diffusion=coefficient.name,  # type: ignore[arg-type]  # a DiffusionName by construction
-        diffusion_norm=factor * RELEASED_SDE_NORM,
-        last_step="mean",
-        last_step_size=PAPER_LAST_STEP_SIZE,
+    # the released SDE's grid and coefficient, REPA's guidance (replace() validates again)
+    return replace(
+        _released_sde(1.0),
         cfg_scale=REPA_CFG_SCALE,
         guidance_interval=REPA_GUIDANCE_INTERVAL,
         guidance_channels=None,
