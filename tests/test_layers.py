@@ -22,8 +22,17 @@ ALLOWED: dict[str, set[str]] = {
     "repa": {"errors"},  # REPA's projector, loss and frozen-encoder plumbing (no Lightning)
     "sampling": {"interpolants", "errors"},
     "evaluation": {"randomness", "errors", "atomic"},
-    "data": {"randomness", "evaluation", "errors", "repa", "atomic"},  # evaluation: the one SD_VAE_SCALE; repa: features
-    "posthoc_ema": {"atomic", "errors"},  # post-hoc EMA math, snapshot files and the posthoc-ema command (no Lightning)
+    "data": {
+        "randomness",
+        "evaluation",
+        "errors",
+        "repa",
+        "atomic",
+    },  # evaluation: the one SD_VAE_SCALE; repa: features
+    "posthoc_ema": {
+        "atomic",
+        "errors",
+    },  # post-hoc EMA math, snapshot files and the posthoc-ema command (no Lightning)
     "callbacks": {"data", "evaluation", "sampling", "randomness", "errors", "posthoc_ema"},
     "checkpoint_io": {"atomic"},  # Lightning half: atomic checkpoint writes, a `last` that loads
     "trusted_loading": {"models", "objective", "interpolants"},  # Lightning half, but no Lightning
@@ -41,7 +50,12 @@ ALLOWED: dict[str, set[str]] = {
     "convert_cli": {"models", "module", "trusted_loading", "errors"},  # reads Lightning checkpoints as dicts
     # `sit-lightning sample`: Fabric runs the sampler; the files are evaluation/npz.py's
     "sample_cli": {"convert_cli", "module", "models", "objective", "sampling", "evaluation", "errors"},
-    "fid_cli": {"evaluation", "data", "callbacks", "errors"},  # digits data for its judge; conditional_accuracy
+    "fid_cli": {
+        "evaluation",
+        "data",
+        "callbacks",
+        "errors",
+    },  # digits data for its judge; conditional_accuracy
     "cli": {
         "module",
         "data",
