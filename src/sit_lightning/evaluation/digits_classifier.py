@@ -16,11 +16,12 @@ are cached in a file keyed by a hash of the training data and the recipe.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +36,8 @@ __all__ = [
 
 DIGITS_PIXELS = 64  # 1 x 8 x 8
 DIGITS_CLASSES = 10
+
+M = TypeVar("M", bound=nn.Module)
 
 
 class DigitsClassifier(nn.Module):
@@ -120,18 +123,46 @@ def train_digits_classifier(
     Deterministic: the same data and recipe give the same weights.
     """
     recipe = recipe or DigitsClassifierRecipe()
+    return train_on_noisy_pixels(
+        lambda: _untrained_classifier(recipe, labels),
+        images,
+        labels,
+        recipe,
+        batches=lambda n, generator: itertools.repeat(slice(None), recipe.steps),  # full batch
+    )
+
+
+def _untrained_classifier(recipe: DigitsClassifierRecipe, labels: Tensor) -> DigitsClassifier:
+    return DigitsClassifier(recipe.hidden, recipe.num_features, int(labels.max()) + 1)
+
+
+def train_on_noisy_pixels(
+    build: Callable[[], M],
+    images: Tensor,
+    labels: Tensor,
+    recipe: Any,
+    batches: Callable[[int, torch.Generator], Iterable[Tensor | slice]],
+) -> M:
+    """``build()``'s classifier trained with AdamW on the cross-entropy of pixel-noised images (CPU).
+
+    Deterministic: ``recipe.seed`` seeds the initialisation (in a forked global RNG, which is left as it
+    was) and a generator that draws the batches and the noise, in that order per batch.
+    ``batches(N, generator)`` yields the indices of each AdamW step's images (``slice(None)``: all);
+    ``recipe`` gives ``seed``, ``lr``, ``weight_decay`` and ``noise_std``. The model comes back in eval
+    mode, frozen.
+    """
     generator = torch.Generator().manual_seed(recipe.seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
-        model = DigitsClassifier(recipe.hidden, recipe.num_features, int(labels.max()) + 1)
+        model = build()
     x = images.detach().float().cpu()
     y = labels.detach().long().cpu()
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     model.train()
-    with torch.enable_grad():  # callers (evaluation hooks) often run under no_grad
-        for _ in range(recipe.steps):
-            noisy = x + recipe.noise_std * torch.randn(x.shape, generator=generator)
-            loss = nn.functional.cross_entropy(model(noisy), y)
+    with torch.enable_grad():  # callers (evaluation hooks, data setup) often run under no_grad
+        for batch in batches(len(y), generator):
+            noisy = x[batch] + recipe.noise_std * torch.randn(x[batch].shape, generator=generator)
+            loss = nn.functional.cross_entropy(model(noisy), y[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -153,9 +184,9 @@ def load_or_train_cached(
     labels: Tensor,
     recipe: Any,
     cache_dir: str | Path | None,
-    build: Callable[[], nn.Module],
-    train: Callable[[], nn.Module],
-) -> nn.Module:
+    build: Callable[[], M],
+    train: Callable[[], M],
+) -> M:
     """``train()``'s model, or the one cached as ``<cache_dir>/<name>-<hash>.pt`` by an earlier call.
 
     The hash covers the images, the labels and the recipe, so a different split or recipe never reuses
@@ -190,14 +221,12 @@ def load_or_train_digits_classifier(
     recipe never reuses stale weights. ``cache_dir=None`` trains without caching.
     """
     recipe = recipe or DigitsClassifierRecipe()
-    model = load_or_train_cached(
+    return load_or_train_cached(
         "digits_classifier",
         images,
         labels,
         recipe,
         cache_dir,
-        build=lambda: DigitsClassifier(recipe.hidden, recipe.num_features, int(labels.max()) + 1),
+        build=lambda: _untrained_classifier(recipe, labels),
         train=lambda: train_digits_classifier(images, labels, recipe),
     )
-    assert isinstance(model, DigitsClassifier)
-    return model

@@ -21,13 +21,14 @@ hash of the training data and the recipe, like the judge's.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from .digits_classifier import load_or_train_cached
+from .digits_classifier import load_or_train_cached, train_on_noisy_pixels
 
 __all__ = [
     "DIGITS_ENCODER_FEATURES",
@@ -112,24 +113,25 @@ def train_digits_encoder(
     Deterministic: the same data and recipe give the same weights (CPU).
     """
     recipe = recipe or DigitsEncoderRecipe()
-    generator = torch.Generator().manual_seed(recipe.seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(recipe.seed)
-        model = DigitsEncoder(recipe.width, recipe.num_features, int(labels.max()) + 1)
-    x = images.detach().float().cpu()
-    y = labels.detach().long().cpu()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    model.train()
-    with torch.enable_grad():  # callers (data setup) may run under no_grad
-        for _ in range(recipe.epochs):
-            order = torch.randperm(len(y), generator=generator)
-            for batch in order.split(recipe.batch_size):
-                noisy = x[batch] + recipe.noise_std * torch.randn(x[batch].shape, generator=generator)
-                loss = nn.functional.cross_entropy(model(noisy), y[batch])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-    return model.eval().requires_grad_(False)
+    return train_on_noisy_pixels(
+        lambda: _untrained_encoder(recipe, labels),
+        images,
+        labels,
+        recipe,
+        batches=lambda n, generator: _shuffled_minibatches(n, generator, recipe.epochs, recipe.batch_size),
+    )
+
+
+def _untrained_encoder(recipe: DigitsEncoderRecipe, labels: Tensor) -> DigitsEncoder:
+    return DigitsEncoder(recipe.width, recipe.num_features, int(labels.max()) + 1)
+
+
+def _shuffled_minibatches(
+    n: int, generator: torch.Generator, epochs: int, batch_size: int
+) -> Iterator[Tensor]:
+    """The indices of each minibatch: per epoch a fresh permutation of ``range(n)``, cut in ``batch_size``."""
+    for _ in range(epochs):
+        yield from torch.randperm(n, generator=generator).split(batch_size)
 
 
 def load_or_train_digits_encoder(
@@ -144,14 +146,12 @@ def load_or_train_digits_encoder(
     recipe never reuses stale weights. ``cache_dir=None`` trains without caching.
     """
     recipe = recipe or DigitsEncoderRecipe()
-    model = load_or_train_cached(
+    return load_or_train_cached(
         "digits_encoder",
         images,
         labels,
         recipe,
         cache_dir,
-        build=lambda: DigitsEncoder(recipe.width, recipe.num_features, int(labels.max()) + 1),
+        build=lambda: _untrained_encoder(recipe, labels),
         train=lambda: train_digits_encoder(images, labels, recipe),
     )
-    assert isinstance(model, DigitsEncoder)
-    return model
