@@ -181,8 +181,15 @@ CASES: dict[str, Case] = {
     "zero max_steps on the digits": Case(
         "cli",
         lambda i, out: [
-            "fit", "--config", str(Path(__file__).resolve().parents[2] / "configs" / "digits.yaml"),
-            "--trainer.max_steps", "0", "--trainer.logger", "false", "--trainer.default_root_dir", str(out),
+            "fit",
+            "--config",
+            str(Path(__file__).resolve().parents[2] / "configs" / "digits.yaml"),
+            "--trainer.max_steps",
+            "0",
+            "--trainer.logger",
+            "false",
+            "--trainer.default_root_dir",
+            str(out),
         ],  # fmt: skip
         ("trainer.max_steps is 0",),
     ),
