@@ -35,10 +35,10 @@ from sit_lightning.module import SiTModule  # noqa: E402
 from sit_lightning.objective import TrainingObjective  # noqa: E402
 from sit_lightning.repa import IMAGENET_MEAN, IMAGENET_STD, RepaConfig  # noqa: E402
 from sit_lightning.sampling.presets import sampler_preset  # noqa: E402
+from tiny_encoder import WIDTH, TinyViT, import_path, save_random_weights  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-WIDTH = 8  # the tiny encoder's feature channels
-OLD_GRID = 6  # its stored position table is 6 x 6: build_encoder must resample it to the network's 4 x 4
+OLD_GRID = TinyViT.grid  # 6: its stored position table, which build_encoder resamples to the network's 4 x 4
 RESOLUTION = 56  # 4 x 4 patches of 14 px: the token count of the tiny SiT/2 (8 x 8 latents)
 IMAGE_SIDE = 32
 PERTURB_STD = 0.2
@@ -46,38 +46,15 @@ LAMBDA = 0.5
 DEPTH = 1  # align after blocks[0] of the 2-block tiny SiT
 
 
-class TinyViT(nn.Module):
-    """A DINOv2-shaped frozen encoder: 14-px patches, class token + square ``pos_embed``, ``forward_features``."""
-
-    patch_size = 14
-
-    def __init__(self, width: int = WIDTH, grid: int = OLD_GRID) -> None:
-        super().__init__()
-        self.patch = nn.Conv2d(3, width, kernel_size=self.patch_size, stride=self.patch_size)
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, width))
-        self.norm = nn.LayerNorm(width)
-
-    def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        tokens = self.patch(x).flatten(2).transpose(1, 2) + self.pos_embed[:, 1:]  # no interpolation here
-        return {"x_norm_patchtokens": self.norm(tokens), "x_norm_clstoken": tokens.mean(1)}
-
-
 @pytest.fixture(scope="module")
 def encoder_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A weights file of the tiny encoder, with non-trivial values everywhere."""
-    torch.manual_seed(7)
-    encoder = TinyViT()
-    with torch.no_grad():
-        for p in encoder.parameters():
-            p.normal_(0.0, 0.5)
-    path = tmp_path_factory.mktemp("encoder") / "tiny_vit.pt"
-    torch.save(encoder.state_dict(), path)
-    return path
+    return save_random_weights(TinyViT, tmp_path_factory.mktemp("encoder") / "tiny_vit.pt", seed=7)
 
 
 def _repa(weights: Path, **overrides: Any) -> RepaConfig:
     fields: dict[str, Any] = dict(
-        encoder=f"{TinyViT.__module__}.{TinyViT.__qualname__}",
+        encoder=import_path(TinyViT),
         encoder_weights=str(weights),
         encoder_depth=DEPTH,
         projector_dim=16,

@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 
 sys.path.append(str(Path(__file__).resolve().parents[1] / "lightning"))  # the shared tiny SiT
 from lightning_toy import TINY_ARCH, trainer_kwargs  # noqa: E402
@@ -31,47 +30,30 @@ from sit_lightning.errors import ConfigurationError  # noqa: E402
 from sit_lightning.models import SiTConfig  # noqa: E402
 from sit_lightning.module import SiTModule  # noqa: E402
 from sit_lightning.repa import RepaConfig, build_encoder, encode_images  # noqa: E402
+from tiny_encoder import WIDTH, TinyViT, import_path, save_random_weights  # noqa: E402
 from tiny_vae import save_tiny_vae  # noqa: E402
 
 IMAGE_SIZE = 16  # -> 8 x 8 latents with the tiny VAE: TINY_ARCH's SiT/2 has 4 x 4 = 16 tokens
 CLASSES = 3
 PER_CLASS = 4
-WIDTH = 8  # the encoder's channels
 RESOLUTION = 28  # 2 x 2 patches of 14 px ...
 OLD_GRID = 3  # ... from a stored 3 x 3 position table, resampled to 2 x 2 at build
 SIT_RESOLUTION = 56  # for the fit: 4 x 4 patches, the tiny SiT's 16 tokens
 KEYS = np.arange(100, 124)
 
 
-class TinyEncoder(nn.Module):
-    """A DINOv2-shaped frozen encoder: 14-px patches, class token + square ``pos_embed``, ``forward_features``."""
+class TinyEncoder(TinyViT):
+    """The shared tiny encoder with a 3 x 3 stored position table."""
 
-    patch_size = 14
-
-    def __init__(self, width: int = WIDTH, grid: int = OLD_GRID) -> None:
-        super().__init__()
-        self.patch = nn.Conv2d(3, width, kernel_size=self.patch_size, stride=self.patch_size)
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, width))
-        self.norm = nn.LayerNorm(width)
-
-    def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        tokens = self.patch(x).flatten(2).transpose(1, 2) + self.pos_embed[:, 1:]
-        return {"x_norm_patchtokens": self.norm(tokens)}
+    grid = OLD_GRID
 
 
-ENCODER = f"{TinyEncoder.__module__}.{TinyEncoder.__qualname__}"
+ENCODER = import_path(TinyEncoder)
 
 
 @pytest.fixture(scope="module")
 def encoder_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(5)
-    encoder = TinyEncoder()
-    with torch.no_grad():
-        for p in encoder.parameters():
-            p.normal_(0.0, 0.5)
-    path = tmp_path_factory.mktemp("encoder") / "tiny_encoder.pt"
-    torch.save(encoder.state_dict(), path)
-    return path
+    return save_random_weights(TinyEncoder, tmp_path_factory.mktemp("encoder") / "tiny_encoder.pt", seed=5)
 
 
 @pytest.fixture(scope="module")
