@@ -38,7 +38,7 @@ into the module.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -135,13 +135,7 @@ class EMACallback(Callback):
         if self._pending is None:
             self._ema = [_local(p).detach().float().clone() for _, p in named]
             return
-        missing = sorted(set(self._names) - set(self._pending))
-        unexpected = sorted(set(self._pending) - set(self._names))
-        if missing or unexpected:
-            raise ValueError(
-                f"EMA state does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]} "
-                f"({len(missing)} missing, {len(unexpected)} unexpected)"
-            )
+        _check_names(self._names, self._pending, "EMA state")
         self._ema = [_local_slice(self._pending[name], p).float().clone() for name, p in named]
         self._pending = None
 
@@ -315,13 +309,14 @@ class EMACallback(Callback):
             self._pending = state_dict.get("ema")
             self._ema = None
             return
-        folder, pl_module = restoring if restoring is not None else (None, None)
-        if folder is None or pl_module is None or not folder.is_dir():
-            raise ValueError(
+        folder, pl_module = _sharded_source(
+            restoring,
+            lambda folder: (
                 f"this EMA state is sharded (its tensors are the checkpoint's '{prefix}*' state_dict entries "
                 f"of a DCP folder), but it is restored from {folder}; resume from the checkpoint folder "
                 "with an FSDP2 strategy, or write one file with sit_lightning.convert_cli.consolidate_checkpoint"
-            )
+            ),
+        )
         self._read_sharded(folder, prefix, pl_module)
 
     def _read_sharded(self, folder: Path, prefix: str, pl_module: pl.LightningModule) -> None:
@@ -334,25 +329,60 @@ class EMACallback(Callback):
         from torch.distributed.checkpoint import load as dcp_load
 
         named = self._named_params(pl_module)
-        stored_meta = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
-        head = f"{_DCP_STATE_DICT}.{prefix}"
-        stored = {key.removeprefix(head): meta for key, meta in stored_meta.items() if key.startswith(head)}
-        names = [name for name, _ in named]
-        missing = sorted(set(names) - set(stored))
-        unexpected = sorted(set(stored) - set(names))
-        if missing or unexpected:
-            raise ValueError(
-                f"EMA state in {folder} does not match the model: missing {missing[:5]}, unexpected "
-                f"{unexpected[:5]} ({len(missing)} missing, {len(unexpected)} unexpected)"
-            )
-        wrong = [n for n, p in named if tuple(getattr(stored[n], "size", ())) != tuple(p.shape)]
-        if wrong:
-            raise ValueError(f"EMA tensors in {folder} do not fit the parameters' shapes: {wrong[:5]}")
-        targets = {prefix + name: _empty_like_param(p) for name, p in named}
+        stored = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+        targets = _sharded_targets(stored, prefix, named, folder, what="EMA state", tensors="EMA tensors")
         dcp_load({_DCP_STATE_DICT: targets}, checkpoint_id=str(folder))
-        self._names = names
-        self._ema = [_local(targets[prefix + name]) for name in names]
+        self._names = [name for name, _ in named]
+        self._ema = [_local(targets[prefix + name]) for name in self._names]
         self._pending = None
+
+
+def _check_names(names: Iterable[str], stored: Iterable[str], what: str) -> None:
+    """Raise ``ValueError`` unless the stored tensors' names are the parameters' ``names``."""
+    missing = sorted(set(names) - set(stored))
+    unexpected = sorted(set(stored) - set(names))
+    if missing or unexpected:
+        raise ValueError(
+            f"{what} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]} "
+            f"({len(missing)} missing, {len(unexpected)} unexpected)"
+        )
+
+
+def _sharded_source(
+    restoring: tuple[Path | None, pl.LightningModule] | None, message: Callable[[Path | None], str]
+) -> tuple[Path, pl.LightningModule]:
+    """The DCP folder and the module a sharded state is read into, as ``on_load_checkpoint`` noted them.
+
+    Raises ``ValueError(message(folder))`` when the state is restored from anything but a folder (a single
+    file, or ``load_state_dict`` called directly).
+    """
+    folder, pl_module = restoring if restoring is not None else (None, None)
+    if folder is None or pl_module is None or not folder.is_dir():
+        raise ValueError(message(folder))
+    return folder, pl_module
+
+
+def _sharded_targets(
+    stored: Mapping[str, Any],
+    prefix: str,
+    named: list[tuple[str, Tensor]],
+    folder: Path,
+    what: str,
+    tensors: str,
+) -> dict[str, Tensor]:
+    """Empty tensors laid out like the parameters, keyed ``prefix + name``, for DCP to read the shards into.
+
+    ``stored`` is the metadata of the DCP ``folder``, whose entries ``state_dict.<prefix><name>`` must be
+    the parameters' names (else ``ValueError``; ``what`` names the state) with their shapes (else
+    ``ValueError``; ``tensors`` names them).
+    """
+    head = f"{_DCP_STATE_DICT}.{prefix}"
+    found = {key.removeprefix(head): meta for key, meta in stored.items() if key.startswith(head)}
+    _check_names([name for name, _ in named], found, f"{what} in {folder}")
+    wrong = [n for n, p in named if tuple(getattr(found[n], "size", ())) != tuple(p.shape)]
+    if wrong:
+        raise ValueError(f"{tensors} in {folder} do not fit the parameters' shapes: {wrong[:5]}")
+    return {prefix + name: _empty_like_param(p) for name, p in named}
 
 
 def _saves_sharded(trainer: pl.Trainer) -> bool:

@@ -49,11 +49,13 @@ from ..posthoc_ema import (
 )
 from .ema import (
     _DCP_STATE_DICT,
+    _check_names,
     _dtensor_type,
-    _empty_like_param,
     _local,
     _local_slice,
     _saves_sharded,
+    _sharded_source,
+    _sharded_targets,
     _ShardedEMA,
 )
 
@@ -181,13 +183,7 @@ class PostHocEMACallback(Callback):
             return
         stored = self._pending["tracks"]
         for track in stored:
-            missing = sorted(set(self._names) - set(track))
-            unexpected = sorted(set(track) - set(self._names))
-            if missing or unexpected:
-                raise ValueError(
-                    f"post-hoc EMA state does not match the model: missing {missing[:5]}, unexpected "
-                    f"{unexpected[:5]} ({len(missing)} missing, {len(unexpected)} unexpected)"
-                )
+            _check_names(self._names, track, "post-hoc EMA state")
         # full tensors (a single-file checkpoint of any run): this rank's part of each (all of it unsharded)
         self._tracks = [
             [_local_slice(track[name], p).float().clone() for name, p in named] for track in stored
@@ -320,13 +316,14 @@ class PostHocEMACallback(Callback):
             self._pending = dict(state_dict)
             self._tracks = None
             return
-        folder, pl_module = restoring if restoring is not None else (None, None)
-        if folder is None or pl_module is None or not folder.is_dir():
-            raise ValueError(
+        folder, pl_module = _sharded_source(
+            restoring,
+            lambda folder: (
                 f"these post-hoc EMA tracks are sharded (the checkpoint's '{prefix}<i>.*' state_dict entries of a "
                 f"DCP folder), but they are restored from {folder}; resume from the checkpoint folder with an "
                 "FSDP2 strategy"
-            )
+            ),
+        )
         self._read_sharded(folder, prefix, pl_module, int(state_dict["step"]))
 
     def _read_sharded(self, folder: Path, prefix: str, pl_module: pl.LightningModule, step: int) -> None:
@@ -338,21 +335,9 @@ class PostHocEMACallback(Callback):
         names = [name for name, _ in named]
         stored = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
         targets: dict[str, Tensor] = {}
-        for i in range(len(self.sigma_rels)):
-            head = f"{_DCP_STATE_DICT}.{prefix}{i}."
-            found = {key.removeprefix(head): meta for key, meta in stored.items() if key.startswith(head)}
-            missing, unexpected = sorted(set(names) - set(found)), sorted(set(found) - set(names))
-            if missing or unexpected:
-                raise ValueError(
-                    f"post-hoc EMA track {self.sigma_rels[i]} in {folder} does not match the model: missing "
-                    f"{missing[:5]}, unexpected {unexpected[:5]} ({len(missing)} missing, {len(unexpected)} unexpected)"
-                )
-            wrong = [n for n, p in named if tuple(getattr(found[n], "size", ())) != tuple(p.shape)]
-            if wrong:
-                raise ValueError(
-                    f"post-hoc EMA tensors in {folder} do not fit the parameters' shapes: {wrong[:5]}"
-                )
-            targets.update({f"{prefix}{i}.{name}": _empty_like_param(p) for name, p in named})
+        for i, sigma_rel in enumerate(self.sigma_rels):
+            what, tensors = f"post-hoc EMA track {sigma_rel}", "post-hoc EMA tensors"
+            targets.update(_sharded_targets(stored, f"{prefix}{i}.", named, folder, what, tensors))
         dcp_load({_DCP_STATE_DICT: targets}, checkpoint_id=str(folder))
         self._module_ref = pl_module
         self._names = names
