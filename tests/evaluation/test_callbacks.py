@@ -9,7 +9,6 @@ import io
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 
@@ -20,11 +19,11 @@ from sit_lightning.data import DigitsDataModule
 from sit_lightning.evaluation.digits_classifier import DigitsFeatures
 from sit_lightning.evaluation.fid import FIDScorer, feature_statistics, frechet_distance, through_uint8
 from sit_lightning.evaluation.images import SD_VAE_SCALE, to_uint8
-from sit_lightning.models import SiTConfig
 from sit_lightning.module import SiTModule
 from sit_lightning.randomness import keyed_randn
 from sit_lightning.sampling import ModelField, SamplerSettings, sample_ode
 from sit_lightning.sampling.guidance import ClassifierFreeGuidance
+from tiny_digits import fit_module, quiet_trainer
 
 SAMPLER = dict(sampler="ode", steps=2, method="euler")
 PER_CLASS = 2
@@ -34,13 +33,7 @@ NUM_FID = 40
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
     root = tmp_path_factory.mktemp("fit")
-    module = SiTModule(
-        arch=SiTConfig(
-            input_size=8, in_channels=1, num_classes=10, learn_sigma=False,
-            depth=1, hidden_size=32, num_heads=2, patch_size=4,
-        ),
-        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
-    )  # fmt: skip
+    module = fit_module()
     # the FID callback comes first: its report must still name the final grid
     grid = SampleGridCallback(
         every_n_steps=0, num_per_class=PER_CLASS, seed=3, batch_size=7, settings=SamplerSettings(**SAMPLER)
@@ -53,11 +46,9 @@ def fitted(tmp_path_factory):
         cache_dir=str(root / "cache"),
         settings=SamplerSettings(**SAMPLER),
     )
-    trainer = Trainer(
-        max_steps=3, accelerator="cpu", devices=1, logger=TensorBoardLogger(root, name="tb"),
-        callbacks=[fid, grid], enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, default_root_dir=root,
-    )  # fmt: skip
+    trainer = quiet_trainer(
+        root, max_steps=3, logger=TensorBoardLogger(root, name="tb"), callbacks=[fid, grid]
+    )
     datamodule = DigitsDataModule(global_batch_size=32)
     # record the order of the final evaluation, the final grid and Lightning's teardown (which moves the
     # module to the CPU): on a GPU, anything after the teardown would sample on the CPU
@@ -190,13 +181,7 @@ def latent_fit(tmp_path_factory):
     root = tmp_path_factory.mktemp("latent_fit")
     vae_dir = save_tiny_vae(root / "vae", sample_size=8)
     shards = _latent_shards(root / "shards")
-    module = SiTModule(
-        arch=SiTConfig(
-            input_size=4, in_channels=4, num_classes=2, learn_sigma=False,
-            depth=1, hidden_size=32, num_heads=2, patch_size=2,
-        ),
-        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
-    )  # fmt: skip
+    module = fit_module(input_size=4, in_channels=4, num_classes=2, patch_size=2)
     grid = SampleGridCallback(
         every_n_steps=0,
         num_per_class=PER_CLASS,
@@ -205,10 +190,7 @@ def latent_fit(tmp_path_factory):
         settings=SamplerSettings(**SAMPLER),
     )
     datamodule = LatentDataModule(str(shards), global_batch_size=8, num_workers=0, pin_memory=False)
-    trainer = Trainer(
-        max_steps=2, accelerator="cpu", devices=1, logger=False, callbacks=[grid], enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, default_root_dir=root,
-    )  # fmt: skip
+    trainer = quiet_trainer(root, max_steps=2, callbacks=[grid])
     trainer.fit(module, datamodule=datamodule)
     return module, trainer, grid, datamodule, vae_dir
 
@@ -264,9 +246,8 @@ def test_a_decoder_normalisation_that_disagrees_with_the_shards_is_refused(laten
         with pytest.raises(ConfigurationError, match=r"scale.*but SampleGridCallback: the trainer's Latent"):
             SampleGridCallback(decoder=given).match_training_data(datamodule)
     # in a fit, before the first step
-    trainer = Trainer(
-        max_steps=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+    trainer = quiet_trainer(
+        tmp_path, max_steps=1, limit_val_batches=None,  # Lightning's default: every validation batch
         callbacks=[SampleGridCallback(decoder=str(vae_dir), latent_scale=0.5)],
     )  # fmt: skip
     with pytest.raises(ConfigurationError, match=r"\(scale=0.5\).*channel_mean"):

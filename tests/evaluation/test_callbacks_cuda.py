@@ -22,6 +22,7 @@ from sit_lightning.evaluation.fid import through_uint8
 from sit_lightning.models import SiTConfig
 from sit_lightning.module import SiTModule
 from sit_lightning.sampling import SamplerSettings
+from tiny_digits import DIGITS_ARCH
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -36,12 +37,7 @@ def full_float32():
 
 
 def test_fid_and_grid_sample_on_the_gpu(tmp_path, monkeypatch, full_float32):
-    module = SiTModule(
-        arch=SiTConfig(
-            input_size=8, in_channels=1, num_classes=10, learn_sigma=False,
-            depth=1, hidden_size=32, num_heads=2, patch_size=4,
-        ),
-    )  # fmt: skip
+    module = SiTModule(arch=SiTConfig(**DIGITS_ARCH))
     settings = SamplerSettings(sampler="ode", steps=2, method="euler")
     fid = FIDCallback(
         every_n_steps=2, num_samples=40, cfg_scales=[1.0, 2.0], batch_size=16, settings=settings

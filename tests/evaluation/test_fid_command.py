@@ -9,7 +9,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch import Trainer
 from PIL import Image
 from torch import nn
 
@@ -26,9 +25,8 @@ from sit_lightning.evaluation.fid import (
     through_uint8,
     to_adm_uint8,
 )
-from sit_lightning.models import SiTConfig
-from sit_lightning.module import SiTModule
 from sit_lightning.sampling import SamplerSettings
+from tiny_digits import fit_module, quiet_trainer
 
 NUM_FID = 40
 
@@ -53,13 +51,7 @@ def save_npz(path, images: torch.Tensor, labels: torch.Tensor | None = None):
 def callback_run(tmp_path_factory):
     """A tiny digits fit whose FIDCallback scores 40 samples; the samples it scored, as floats."""
     root = tmp_path_factory.mktemp("fit")
-    module = SiTModule(
-        arch=SiTConfig(
-            input_size=8, in_channels=1, num_classes=10, learn_sigma=False,
-            depth=1, hidden_size=32, num_heads=2, patch_size=4,
-        ),
-        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
-    )  # fmt: skip
+    module = fit_module()
     fid = FIDCallback(
         num_samples=NUM_FID, seed=4, batch_size=16, cache_dir=str(root / "cache"),
         settings=SamplerSettings(sampler="ode", steps=2, method="euler"), report=False,
@@ -73,10 +65,7 @@ def callback_run(tmp_path_factory):
         return images
 
     fid.generate = recorded
-    trainer = Trainer(
-        max_steps=2, accelerator="cpu", devices=1, logger=False, callbacks=[fid], enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, default_root_dir=root,
-    )  # fmt: skip
+    trainer = quiet_trainer(root, max_steps=2, callbacks=[fid])
     trainer.fit(module, datamodule=DigitsDataModule(global_batch_size=16))
     (_, result), = fid.history  # fmt: skip
     images, labels = generated[-1]

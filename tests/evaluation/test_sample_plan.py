@@ -9,16 +9,12 @@ from sit_lightning.evaluation.images import image_grid, to_uint8
 from sit_lightning.evaluation.sample_plan import generate, rank_share, sample_labels
 from sit_lightning.models import SiTConfig
 from sit_lightning.module import SiTModule
+from tiny_digits import DIGITS_ARCH
 
 
 @pytest.fixture(scope="module")
 def tiny_module() -> SiTModule:
-    module = SiTModule(
-        arch=SiTConfig(
-            input_size=8, in_channels=1, num_classes=10, learn_sigma=False,
-            depth=1, hidden_size=32, num_heads=2, patch_size=4,
-        ),
-    )  # fmt: skip
+    module = SiTModule(arch=SiTConfig(**DIGITS_ARCH))
     # the final layer starts at zero (a constant field); give it weights so samples differ per label
     with torch.no_grad():
         for p in module.network.parameters():

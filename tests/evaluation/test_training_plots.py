@@ -8,7 +8,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import Logger
 from PIL import Image
 
@@ -26,9 +25,8 @@ from sit_lightning.evaluation.plots import (
     plot_area,
     save_plot,
 )
-from sit_lightning.models import SiTConfig
-from sit_lightning.module import SiTModule
 from sit_lightning.sampling import SamplerSettings
+from tiny_digits import fit_module, quiet_trainer
 
 LOG_EVERY = 2
 STEPS = 7  # logging steps 2, 4, 6; a validation (the L_t profile) at step 7
@@ -65,22 +63,15 @@ class RecordingLogger(Logger):
 def fitted(tmp_path_factory):
     root = tmp_path_factory.mktemp("plots")
     torch.manual_seed(0)
-    module = SiTModule(
-        arch=SiTConfig(
-            input_size=8, in_channels=1, num_classes=10, learn_sigma=False,
-            depth=1, hidden_size=32, num_heads=2, patch_size=4,
-        ),
-        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
-    )  # fmt: skip
+    module = fit_module()
     plots = TrainingPlotsCallback()
     grid = SampleGridCallback(
         every_n_steps=0, num_per_class=1, settings=SamplerSettings(method="euler", steps=1)
     )
     logger = RecordingLogger(root / "run")
-    trainer = Trainer(
-        max_steps=STEPS, accelerator="cpu", devices=1, logger=logger, callbacks=[plots, grid],
-        log_every_n_steps=LOG_EVERY, val_check_interval=STEPS, limit_val_batches=1, num_sanity_val_steps=0,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+    trainer = quiet_trainer(
+        root, max_steps=STEPS, logger=logger, callbacks=[plots, grid], log_every_n_steps=LOG_EVERY,
+        val_check_interval=STEPS, limit_val_batches=1, num_sanity_val_steps=0,
     )  # fmt: skip
     trainer.fit(module, datamodule=DigitsDataModule(global_batch_size=16, val_global_batch_size=16))
     return module, trainer, plots, grid, logger
