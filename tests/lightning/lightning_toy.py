@@ -7,6 +7,7 @@ same set of samples for any world size (DistributedSampler over one seeded permu
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -211,3 +212,20 @@ def assert_training_moved(state: dict[str, dict[str, torch.Tensor]]) -> dict[str
     lag = sum((state["weights"][k] - state["ema"][k]).norm() for k in initial)
     assert moved > 0.1 and lag > 0.01
     return initial
+
+
+# ------------------------------------------------------------------------------------------------
+# Child processes (one rank each, or a whole run): an environment free of any launcher's variables.
+# ------------------------------------------------------------------------------------------------
+#: What torchrun and Lightning set for their ranks. A child that inherited them (from an earlier in-process
+#: test: a one-process FSDP2 run leaves MASTER_PORT set and its store listening there) would join the wrong
+#: group or bind a port in use (EADDRINUSE); SLURM_* would make Lightning take it for a SLURM task.
+LAUNCH_VARIABLES = frozenset(
+    {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE"}
+)
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """This process's environment without ``LAUNCH_VARIABLES`` and ``SLURM_*``, one thread, offline, ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in LAUNCH_VARIABLES}
+    return {**env, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **extra}

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -181,20 +180,9 @@ def _free_port() -> int:
 
 def _launch(out: Path) -> list[tuple[int, str]]:
     """Both ranks, started as Lightning's own launcher starts them (LOCAL_RANK set: no relaunch)."""
-    launch = {
-        "MASTER_ADDR",
-        "MASTER_PORT",
-        "WORLD_SIZE",
-        "RANK",
-        "LOCAL_RANK",
-        "NODE_RANK",
-        "LOCAL_WORLD_SIZE",
-    }
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in launch}
-    env.update(
-        OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", MASTER_ADDR="127.0.0.1", WORLD_SIZE="2", NODE_RANK="0"
-    )
-    env["MASTER_PORT"] = str(_free_port())
+    from lightning_toy import child_env
+
+    env = child_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2", NODE_RANK="0")
     procs = [
         subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), str(out)],

@@ -134,19 +134,9 @@ if str(REPO / "tests" / "lightning") not in sys.path:  # lightning_toy; appended
 
 
 def _env(**extra: str) -> dict[str, str]:
-    # An earlier in-process test (one-process FSDP2, gloo) leaves MASTER_PORT set and its store listening
-    # there: a child that inherited it would try to bind the same port (EADDRINUSE).
-    launch = {
-        "MASTER_ADDR",
-        "MASTER_PORT",
-        "WORLD_SIZE",
-        "RANK",
-        "LOCAL_RANK",
-        "NODE_RANK",
-        "LOCAL_WORLD_SIZE",
-    }
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in launch}
-    return {**env, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0", **extra}
+    from lightning_toy import child_env  # no launcher's variables: see there
+
+    return child_env(PYTHONHASHSEED="0", **extra)
 
 
 def _fake_slurm(tmp: Path) -> dict[str, str]:
