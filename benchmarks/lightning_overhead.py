@@ -36,10 +36,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import sys
 import time
-import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,8 +47,19 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_throughput, beside this file
+sys.path.insert(
+    0, str(Path(__file__).resolve().parent)
+)  # train_throughput and bench_records, beside this file
 
+from bench_records import (  # noqa: E402
+    cell,
+    command_line,
+    environment,
+    failure,
+    resolve_device,
+    say,
+    write_result,
+)
 from train_throughput import (  # noqa: E402
     DEFAULT_MODELS,
     GIB,
@@ -58,7 +67,6 @@ from train_throughput import (  # noqa: E402
     FixedBatch,
     ModelSpec,
     _build_module,
-    _environment,
     _parse_models,
 )
 
@@ -112,14 +120,11 @@ class Row:
             self.overhead = self.lightning_ms / self.plain_ms - 1
 
     def markdown(self) -> str:
-        def f(value: float | None, fmt: str) -> str:
-            return "n/a" if value is None else format(value, fmt)
-
         overhead = "n/a" if self.overhead is None else f"{100 * self.overhead:+.1f}%"
         return (
-            f"| {self.model} | {self.batch} | {f(self.plain_ms, '.1f')} | {f(self.lightning_ms, '.1f')} | "
-            f"{f(self.plain_images_per_sec, '.0f')} | {f(self.lightning_images_per_sec, '.0f')} | {overhead} | "
-            f"{f(self.peak_gib, '.1f')} | {self.error or self.note} |"
+            f"| {self.model} | {self.batch} | {cell(self.plain_ms, '.1f')} | {cell(self.lightning_ms, '.1f')} | "
+            f"{cell(self.plain_images_per_sec, '.0f')} | {cell(self.lightning_images_per_sec, '.0f')} | {overhead} | "
+            f"{cell(self.peak_gib, '.1f')} | {self.error or self.note} |"
         )
 
 
@@ -267,18 +272,14 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     """Run the benchmark (``argv`` as on the command line) and return its rows."""
     parser = _build_parser()
     args = parser.parse_args(argv)
-    if args.device is None:
-        args.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.device.type == "cuda" and args.device.index is None:
-        args.device = torch.device("cuda", torch.cuda.current_device())
+    args.device = resolve_device(args.device)
     if args.steps < 1 or args.warmup < 1 or args.rounds < 1:
         parser.error(
             f"--steps, --warmup and --rounds must be >= 1; got {args.steps}, {args.warmup}, {args.rounds}"
         )
     device: torch.device = args.device
-    say: Callable[[str], None] = lambda text: print(text, flush=True)
     began = time.perf_counter()
-    environment = _environment(device)
+    measured_on = environment(device)
     overrides = ArchOverrides(args.depth, args.hidden_size, args.num_heads)
     settings = {
         "models": [f"{m.arch}:{m.batch}" for m in args.models],
@@ -288,9 +289,9 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         "compile": args.compile,
         "overrides": asdict(overrides),
         "log_every_n_steps": LOG_EVERY_N_STEPS,
-        "command": " ".join(sys.argv if argv is None else ["lightning_overhead.py", *argv]),
+        "command": command_line("lightning_overhead.py", argv),
     }
-    say("environment: " + ", ".join(f"{k}={v}" for k, v in environment.items()))
+    say("environment: " + ", ".join(f"{k}={v}" for k, v in measured_on.items()))
     rows: list[Row] = []
     root = (args.out or Path(".")) / "lightning_overhead_runs"
     for spec in args.models:
@@ -303,8 +304,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
             try:
                 _measure(spec, args, overrides, row, root, say)
             except Exception as err:  # an OOM or a compile failure is this row's result
-                traceback.print_exc()
-                row.error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
+                row.error = failure(err)
             gc.collect()
             if args.compile:
                 torch._dynamo.reset()
@@ -313,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         row.finish()
         say(TABLE_HEADER + "\n" + row.markdown())
         if args.out is not None:
-            _write(args.out, environment, settings, rows)
+            _write(args.out, measured_on, settings, rows)
     return rows
 
 
@@ -351,16 +351,16 @@ def _measure(
         del module
 
 
-def _write(out: Path, environment: dict[str, Any], settings: dict[str, Any], rows: list[Row]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+def _write(out: Path, measured_on: dict[str, Any], settings: dict[str, Any], rows: list[Row]) -> None:
     payload = {
-        "environment": environment,
+        "environment": measured_on,
         "settings": settings,
         "max_overhead": MAX_OVERHEAD,
         "rows": [asdict(row) for row in rows],
     }
-    (out / f"{RESULT_NAME}.json").write_text(json.dumps(payload, indent=1) + "\n")
-    (out / f"{RESULT_NAME}.md").write_text(TABLE_HEADER + "\n" + "\n".join(r.markdown() for r in rows) + "\n")
+    write_result(
+        out, RESULT_NAME, payload, TABLE_HEADER + "\n" + "\n".join(r.markdown() for r in rows) + "\n"
+    )
 
 
 if __name__ == "__main__":

@@ -54,15 +54,22 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sit_lightning.callbacks.fid import conditional_accuracy
-from sit_lightning.data.digits import DigitsDataModule
-from sit_lightning.evaluation.digits_classifier import DigitsFeatures, load_or_train_digits_classifier
-from sit_lightning.evaluation.fid import FIDScorer, frechet_distance, through_uint8
-from sit_lightning.evaluation.sample_plan import generate, sample_labels
-from sit_lightning.module import SiTModule
-from sit_lightning.sample_cli import load_lightning_module
-from sit_lightning.sampling import SamplerSettings
-from sit_lightning.trusted_loading import load_checkpoint
+if str(Path(__file__).resolve().parent) not in sys.path:  # bench_records, beside this file
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_records import pyplot  # noqa: E402
+
+from sit_lightning.callbacks.fid import conditional_accuracy  # noqa: E402
+from sit_lightning.data.digits import DigitsDataModule  # noqa: E402
+from sit_lightning.evaluation.digits_classifier import (  # noqa: E402
+    DigitsFeatures,
+    load_or_train_digits_classifier,
+)
+from sit_lightning.evaluation.fid import FIDScorer, frechet_distance, through_uint8  # noqa: E402
+from sit_lightning.evaluation.sample_plan import generate, sample_labels  # noqa: E402
+from sit_lightning.module import SiTModule  # noqa: E402
+from sit_lightning.sample_cli import load_lightning_module  # noqa: E402
+from sit_lightning.sampling import SamplerSettings  # noqa: E402
+from sit_lightning.trusted_loading import load_checkpoint  # noqa: E402
 
 #: The issue's NFE budgets (Figure 5's range: 8 ... 250).
 FULL_NFE = (8, 16, 32, 64, 128, 250)
@@ -398,14 +405,7 @@ LINE_STYLES = ("-", "--", ":", "-.")
 def plot(report: dict[str, Any], path: Path) -> Path:
     """Two panels, FID and conditional accuracy against NFE (log x): one colour per family, one
     line style per guidance scale (solid: cfg 1, dashed: the next scale). Needs matplotlib."""
-    try:
-        import matplotlib
-    except ImportError as err:  # the plot is optional: say which extra holds it
-        raise SystemExit(
-            'the plot needs matplotlib: pip install "sit-lightning[notebook]" (or matplotlib)'
-        ) from err
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.lines import Line2D
 
     rows = report["rows"]

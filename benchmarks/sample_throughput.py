@@ -50,10 +50,8 @@ import contextlib
 import gc
 import json
 import math
-import platform
 import sys
 import time
-import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -62,11 +60,23 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor
 
-from sit_lightning.evaluation.images import make_decoder, to_uint8
-from sit_lightning.models import SiTConfig
-from sit_lightning.module import SiTModule
-from sit_lightning.sampling import SamplerSettings
-from sit_lightning.sampling.presets import sampler_preset
+if str(Path(__file__).resolve().parent) not in sys.path:  # bench_records, beside this file
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_records import (  # noqa: E402
+    cell,
+    command_line,
+    environment,
+    failure,
+    resolve_device,
+    say,
+    write_result,
+)
+
+from sit_lightning.evaluation.images import make_decoder, to_uint8  # noqa: E402
+from sit_lightning.models import SiTConfig  # noqa: E402
+from sit_lightning.module import SiTModule  # noqa: E402
+from sit_lightning.sampling import SamplerSettings  # noqa: E402
+from sit_lightning.sampling.presets import sampler_preset  # noqa: E402
 
 __all__ = ["VARIANTS", "main", "released_heun2_sample", "torchdiffeq_heun2"]
 
@@ -107,14 +117,11 @@ class Row:
     error: str | None = None
 
     def markdown(self) -> str:
-        def f(value: float | None, fmt: str) -> str:
-            return "n/a" if value is None else format(value, fmt)
-
         note = self.error or self.note
         return (
-            f"| {self.variant} | {self.samples} | {self.nfe or 'n/a'} | {f(self.seconds, '.2f')} | "
-            f"{f(self.images_per_sec, '.3f')} | {f(self.vs_released, '.2f')}{'x' if self.vs_released else ''} | {f(self.peak_gib, '.1f')} | "
-            f"{f(self.latent_mad, '.2e')} | {f(self.uint8_mad, '.3f')} | {note} |"
+            f"| {self.variant} | {self.samples} | {self.nfe or 'n/a'} | {cell(self.seconds, '.2f')} | "
+            f"{cell(self.images_per_sec, '.3f')} | {cell(self.vs_released, '.2f')}{'x' if self.vs_released else ''} | {cell(self.peak_gib, '.1f')} | "
+            f"{cell(self.latent_mad, '.2e')} | {cell(self.uint8_mad, '.3f')} | {note} |"
         )
 
 
@@ -143,15 +150,13 @@ class Report:
         return "\n".join(lines) + "\n"
 
     def write(self, out: Path) -> None:
-        out.mkdir(parents=True, exist_ok=True)
         payload = {
             "environment": self.environment,
             "settings": self.settings,
             "rows": [asdict(r) for r in self.rows],
             "summary": self.summary(),
         }
-        (out / f"{RESULT_NAME}.json").write_text(json.dumps(payload, indent=1))
-        (out / f"{RESULT_NAME}.md").write_text(self.markdown())
+        write_result(out, RESULT_NAME, payload, self.markdown())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -277,21 +282,6 @@ def _build_module(args: argparse.Namespace) -> SiTModule:
     return module
 
 
-def _environment(device: torch.device) -> dict[str, Any]:
-    env: dict[str, Any] = {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        env["device_name"] = torch.cuda.get_device_name(device)
-        env["cuda"] = torch.version.cuda
-    else:
-        env["device_name"] = platform.processor() or platform.machine()
-        env["threads"] = torch.get_num_threads()
-    return env
-
-
 def _run_variant(
     variant: Variant,
     module: SiTModule,
@@ -379,10 +369,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
     """Run the benchmark (``argv`` as on the command line) and return its report."""
     parser = _build_parser()
     args = parser.parse_args(argv)
-    if args.device is None:
-        args.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.device.type == "cuda" and args.device.index is None:
-        args.device = torch.device("cuda", torch.cuda.current_device())
+    args.device = resolve_device(args.device)
     if args.smoke:
         args.num_samples, args.steps = min(args.num_samples, 2), args.steps or 2
         args.warmup_steps = 1
@@ -391,10 +378,9 @@ def main(argv: Sequence[str] | None = None) -> Report:
         parser.error(f"--num-samples and --steps must be >= 1; got {args.num_samples} and {steps}")
     batch = args.batch or args.num_samples
     device: torch.device = args.device
-    say: Callable[[str], None] = lambda text: print(text, flush=True)
     settings = replace(sampler_preset(PRESET), steps=steps)
     report = Report(
-        _environment(device),
+        environment(device),
         {
             "arch": "smoke" if args.smoke else args.arch,
             "preset": PRESET,
@@ -406,7 +392,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
             "vae": args.vae,
             "released_tf32": args.released_tf32 and device.type == "cuda",
             "fp32_tf32": args.fp32_tf32 and device.type == "cuda",
-            "command": " ".join(sys.argv if argv is None else ["sample_throughput.py", *argv]),
+            "command": command_line("sample_throughput.py", argv),
         },
     )
     say("environment: " + ", ".join(f"{k}={v}" for k, v in report.environment.items()))
@@ -449,8 +435,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
             if not math.isfinite(float(samples.abs().max())):
                 row.note = "non-finite samples"
         except Exception as err:  # an OOM or a compile failure is this row's result
-            traceback.print_exc()
-            row.error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
+            row.error = failure(err)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -26,6 +26,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "sampling"))
+if str(Path(__file__).resolve().parent) not in sys.path:  # bench_records, beside this file
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_records import pyplot  # noqa: E402
 from gaussian_mixture import GaussianMixture2D, default_mixture  # noqa: E402
 
 from sit_lightning.interpolants import Interpolant, make_interpolant  # noqa: E402
@@ -77,14 +80,7 @@ def exact_gap(mixture: GaussianMixture2D, path: Interpolant, samples: torch.Tens
 def plot(rows: list[Row], path: Path, title: str) -> Path:
     """The table as two log-log panels against NFE: the ODEs' median trajectory error, and the moment
     error of every sampler with the SDE rows' sampling-noise floor as a dotted line. Needs matplotlib."""
-    try:
-        import matplotlib
-    except ImportError as err:  # the plot is optional: say which extra holds it
-        raise SystemExit(
-            'the plot needs matplotlib: pip install "sit-lightning[notebook]" (or matplotlib)'
-        ) from err
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     curves = [r for r in rows if r.sampler.startswith(("ODE", "SDE")) and r.nfe > 0]
     samplers = list(dict.fromkeys(r.sampler for r in curves))

@@ -66,14 +66,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import math
-import platform
 import statistics
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -81,10 +79,22 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor
 
-from sit_lightning.callbacks.ema import PAPER_EMA_DECAY, EMACallback
-from sit_lightning.callbacks.throughput import TRAIN_FLOPS_MULTIPLIER
-from sit_lightning.models import SIT_PRESETS, SiTConfig
-from sit_lightning.module import PAPER_LR, PAPER_WEIGHT_DECAY, PaperAdamW, SiTModule
+if str(Path(__file__).resolve().parent) not in sys.path:  # bench_records, beside this file
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_records import (  # noqa: E402
+    cell,
+    command_line,
+    environment,
+    failure,
+    resolve_device,
+    say,
+    write_result,
+)
+
+from sit_lightning.callbacks.ema import PAPER_EMA_DECAY, EMACallback  # noqa: E402
+from sit_lightning.callbacks.throughput import TRAIN_FLOPS_MULTIPLIER  # noqa: E402
+from sit_lightning.models import SIT_PRESETS, SiTConfig  # noqa: E402
+from sit_lightning.module import PAPER_LR, PAPER_WEIGHT_DECAY, PaperAdamW, SiTModule  # noqa: E402
 
 __all__ = [
     "RECIPES",
@@ -401,15 +411,12 @@ class Row:
     note: str | None = None
 
     def markdown(self) -> str:
-        def fmt(value: float | None, spec: str) -> str:
-            return "n/a" if value is None else format(value, spec)
-
         mfu = "n/a" if self.mfu is None else f"{100 * self.mfu:.1f}%"
         ratio = "n/a" if self.vs_released is None else f"{self.vs_released:.2f}x"
         note = "; ".join(s for s in (self.error and f"ERROR: {self.error}", self.note) if s)
         return (
-            f"| {self.model} | {self.batch} | {self.recipe} | {fmt(self.ms_per_step, '.1f')} | "
-            f"{fmt(self.images_per_sec, '.0f')} | {mfu} | {fmt(self.peak_gib, '.1f')} | {ratio} | "
+            f"| {self.model} | {self.batch} | {self.recipe} | {cell(self.ms_per_step, '.1f')} | "
+            f"{cell(self.images_per_sec, '.0f')} | {mfu} | {cell(self.peak_gib, '.1f')} | {ratio} | "
             f"{note.replace('|', '/')} |"
         )
 
@@ -432,7 +439,6 @@ class BenchmarkReport:
         return "\n".join(lines + [row.markdown() for row in ordered]) + "\n"
 
     def write(self, out: Path) -> None:
-        out.mkdir(parents=True, exist_ok=True)
         payload = {
             "environment": self.environment,
             "peak_tflops": self.peak_tflops,
@@ -440,24 +446,7 @@ class BenchmarkReport:
             "settings": self.settings,
             "rows": [asdict(row) for row in self.rows],
         }
-        (out / f"{RESULT_NAME}.json").write_text(json.dumps(payload, indent=2) + "\n")
-        (out / f"{RESULT_NAME}.md").write_text(self.markdown())
-
-
-def _environment(device: torch.device) -> dict[str, Any]:
-    env: dict[str, Any] = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        env["device_name"] = torch.cuda.get_device_name(device)
-        env["cudnn"] = torch.backends.cudnn.version()
-    else:
-        env["device_name"] = platform.processor() or platform.machine()
-        env["threads"] = torch.get_num_threads()
-    return env
+        write_result(out, RESULT_NAME, payload, self.markdown())
 
 
 def _measure(
@@ -536,22 +525,18 @@ def main(argv: Sequence[str] | None = None) -> BenchmarkReport:
     """Run the benchmark (``argv`` as on the command line) and return its report."""
     parser = _build_parser()
     args = parser.parse_args(argv)
-    if args.device is None:
-        args.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.device.type == "cuda" and not torch.cuda.is_available():
+    if args.device is not None and args.device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda was asked for but torch.cuda.is_available() is False")
-    if args.device.type not in ("cuda", "cpu"):
+    if args.device is not None and args.device.type not in ("cuda", "cpu"):
         parser.error(f"--device must be cuda or cpu; got {args.device}")
     if args.steps < 1 or args.warmup < 0:
         parser.error(f"--steps must be >= 1 and --warmup >= 0; got {args.steps} and {args.warmup}")
-    if args.device.type == "cuda" and args.device.index is None:
-        args.device = torch.device("cuda", torch.cuda.current_device())
-    device: torch.device = args.device
+    device: torch.device = resolve_device(args.device)
+    args.device = device
     began = time.perf_counter()
-    say: Callable[[str], None] = lambda text: print(text, flush=True)
 
-    environment = _environment(device)
-    say("environment: " + ", ".join(f"{k}={v}" for k, v in environment.items()))
+    measured_on = environment(device)
+    say("environment: " + ", ".join(f"{k}={v}" for k, v in measured_on.items()))
     if args.peak_tflops is not None:
         peak_flops: float | None = args.peak_tflops * TERA
         peak_source = "--peak-tflops"
@@ -579,10 +564,10 @@ def main(argv: Sequence[str] | None = None) -> BenchmarkReport:
         "latent_shape": [LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE],
         "num_classes": NUM_CLASSES,
         "time_budget_s": args.time_budget,
-        "command": " ".join(sys.argv if argv is None else ["train_throughput.py", *argv]),
+        "command": command_line("train_throughput.py", argv),
     }
     report = BenchmarkReport(
-        environment, None if peak_flops is None else peak_flops / TERA, peak_source, settings
+        measured_on, None if peak_flops is None else peak_flops / TERA, peak_source, settings
     )
     say("\n" + TABLE_HEADER)
 
@@ -605,8 +590,7 @@ def main(argv: Sequence[str] | None = None) -> BenchmarkReport:
                 try:
                     _measure(recipe, spec, data[spec], args, overrides, peak_flops, row)
                 except Exception as err:  # an OOM or a compile failure is this row's result
-                    traceback.print_exc()
-                    row.error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
+                    row.error = failure(err)
                     if device.type == "cuda":
                         row.peak_gib = torch.cuda.max_memory_allocated(device) / GIB
                 row.wall_s = time.perf_counter() - start
