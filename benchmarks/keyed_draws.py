@@ -21,8 +21,9 @@ synchronised around each one. Timings on a shared machine are noisy: read the ra
 
 A second table times what the data workers draw for each latent on the CPU, its posterior noise
 (``LatentSource.load``, stream ``data.posterior``), per ``--posterior`` batch: one ``torch.Generator``
-per sample (before), ``keyed_randn`` version 1 (float64 Box-Muller) and version 2 (float32, what the
-data module draws now), with the repetitions of the three interleaved.
+per sample (before), ``keyed_randn`` version 1 (float64 Box-Muller on Philox4x32 words), version 2
+(float32 Box-Muller on the same words) and version 3 (float32 Box-Muller on Philox4x64 words from
+numpy's C generator, what the data module draws now), with the repetitions of the four interleaved.
 """
 
 from __future__ import annotations
@@ -122,6 +123,7 @@ def measure_posterior(shape: tuple[int, ...], warmup: int, reps: int) -> dict[st
         "per_sample_generator": per_sample_generator,
         "philox_v1": lambda: keyed_randn(latent, SEED, POSTERIOR_STREAM, 0, keys, version=1),
         "philox_v2": lambda: keyed_randn(latent, SEED, POSTERIOR_STREAM, 0, keys, version=2),
+        "philox_v3": lambda: keyed_randn(latent, SEED, POSTERIOR_STREAM, 0, keys, version=3),
     }
     for fn in ways.values():
         for _ in range(warmup):
@@ -136,6 +138,7 @@ def measure_posterior(shape: tuple[int, ...], warmup: int, reps: int) -> dict[st
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
+    """Prints both tables; returns the rows of both (posterior rows have ``"table": "posterior"``)."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--batches", default=DEFAULT_BATCHES, help="comma-separated NxCxHxW shapes")
     parser.add_argument("--device", action="append", default=None, help="cpu / cuda (repeatable)")
@@ -167,14 +170,18 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
             )
     print()
     print(
-        "| posterior noise (CPU) | per-sample generators (before) | Philox v1 ms | Philox v2 (now) ms | now / before |"
+        "| posterior noise (CPU) | per-sample generators (before) ms | Philox v1 ms | Philox v2 ms "
+        "| Philox v3 (now) ms | v2 / before | now / before |"
     )
-    print("|---|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for shape in [_parse_batch(b) for b in args.posterior.split(",") if b.strip()]:
         t = measure_posterior(shape, args.warmup, args.reps)
+        rows.append({"table": "posterior", "batch": "x".join(map(str, shape)), **t})
+        before = t["per_sample_generator"]
         print(
-            f"| {'x'.join(map(str, shape))} | {1e3 * t['per_sample_generator']:.2f} | {1e3 * t['philox_v1']:.2f} "
-            f"| {1e3 * t['philox_v2']:.2f} | {t['philox_v2'] / t['per_sample_generator']:.2f}x |",
+            f"| {'x'.join(map(str, shape))} | {1e3 * before:.2f} | {1e3 * t['philox_v1']:.2f} "
+            f"| {1e3 * t['philox_v2']:.2f} | {1e3 * t['philox_v3']:.2f} | {t['philox_v2'] / before:.2f}x "
+            f"| {t['philox_v3'] / before:.2f}x |",
             flush=True,
         )
     return rows

@@ -126,11 +126,15 @@ def test_keyed_draws_benchmark_runs_and_its_reference_is_the_old_per_sample_law(
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    rows = bench.main(["--batches", "8x1x4x4,2x4x8x8", "--device", "cpu", "--warmup", "0", "--reps", "1"])
-    assert [row["batch"] for row in rows] == ["8x1x4x4", "2x4x8x8"]
-    for row in rows:
+    argv = ["--batches", "8x1x4x4,2x4x8x8", "--device", "cpu", "--warmup", "0", "--reps", "1"]
+    rows = bench.main([*argv, "--posterior", "16x4x8x8"])
+    assert [row["batch"] for row in rows] == ["8x1x4x4", "2x4x8x8", "16x4x8x8"]
+    for row in rows[:2]:
         assert all(row[k] > 0 for k in ("per_sample_generator", "philox", "unkeyed"))
-    assert "| cpu | 2x4x8x8 |" in capsys.readouterr().out
+    assert rows[2]["table"] == "posterior"
+    assert all(rows[2][k] > 0 for k in ("per_sample_generator", "philox_v1", "philox_v2", "philox_v3"))
+    out = capsys.readouterr().out
+    assert "| cpu | 2x4x8x8 |" in out and "| 16x4x8x8 |" in out
     keys = torch.arange(2000)
     t, x_0, drop = bench.per_sample_generator_draws(torch.zeros(2000, 1, 4, 4), keys, step=1)
     assert t.shape == (2000,) and x_0.shape == (2000, 1, 4, 4) and drop.shape == (2000,)

@@ -23,13 +23,28 @@ the same words):
   (``NORMAL_VERSIONS``), on the same words:
 
   - version 1 (the default of :func:`keyed_randn`): in float64, rounded once to the requested dtype;
-  - version 2 (``version=2``; the data workers' posterior samples): in float32, with the word rounded
-    to float32 first. About 3x cheaper on the CPU; differs from version 1 by float32 rounding (at most
-    about 2e-5, tested), so it is a different stream for exact reproduction and resumes.
+  - version 2 (``version=2``; the data workers' posterior samples until version 3): in float32, with
+    the word rounded to float32 first. About 3x cheaper on the CPU; differs from version 1 by float32
+    rounding (at most about 2e-5, tested), so it is a different stream for exact reproduction and resumes.
+
+Version 3 (``version=3``; the data workers' posterior samples now) keeps the keys and changes the
+words, for speed on the CPU: Philox4x64-10 (the 64-bit member of the same family, same paper) under the
+key ``(K, 0)``, ``K`` the same BLAKE2b hash of ``(seed, stream, step)``, with counters
+``(block + 1, index, 0, 0)``, computed in C by numpy's ``Philox`` bit generator (tested word for word
+against a plain Python definition, :func:`philox4x64_reference`, and its published known-answer
+vector). A row of ``n`` normals takes ``P = ceil(n / 2)`` 64-bit words, read as ``2P`` 32-bit values;
+the first ``P`` give the radii and the last ``P`` the angles of float32 Box-Muller, cosines filling the
+first half of the row and sines the second (:func:`_randn_v3_numpy`). So a longer row does not extend
+a shorter one. It is drawn on the CPU (other devices get a copy): it exists for the data workers, where
+it costs less than one seeded ``torch.Generator`` per sample did, which version 1 and 2 did not
+(docs/performance.md). Seeding per-sample ``torch.Generator`` objects instead is no option: torch's CPU
+generator keeps only the low 32 bits of a seed, so among ``10^8`` keys (ImageNet for 80 epochs) about a
+million pairs would share their noise.
 
 The integer words are bit-identical on every device. Normals go through ``log``, ``sqrt`` and
 ``cos``/``sin``, whose last bit may differ between libraries (CPU numpy, CPU torch, CUDA): version 1
-agrees after rounding to float32 except, rarely, in the last bit; version 2 within a few float32 ulps.
+agrees after rounding to float32 except, rarely, in the last bit; version 2 within a few float32 ulps;
+version 3 runs only numpy's float32 functions, whose last bit may depend on the CPU's vector units.
 
 ``keyed_generator`` (a ``torch.Generator`` seeded by the same hash) remains for the few draws made
 once per epoch or run, such as the shuffle permutation.
@@ -53,6 +68,7 @@ __all__ = [
     "keyed_randn",
     "keyed_rand",
     "philox4x32",
+    "philox4x64_reference",
 ]
 
 _MASK63 = (1 << 63) - 1
@@ -61,8 +77,9 @@ _MASK32 = 0xFFFFFFFF
 _PHILOX_M = (0xD2511F53, 0xCD9E8D57)
 _PHILOX_W = (0x9E3779B9, 0xBB67AE85)
 PHILOX_ROUNDS = 10
-#: The conversions of words to normals (see the module docstring): 1 = float64 Box-Muller, 2 = float32.
-NORMAL_VERSIONS = (1, 2)
+#: The random streams of normals (see the module docstring): 1 = float64 Box-Muller, 2 = float32, both on
+#: Philox4x32 words; 3 = float32 Box-Muller on Philox4x64 words (the CPU's fastest, the data workers').
+NORMAL_VERSIONS = (1, 2, 3)
 
 Words = tuple[Tensor, Tensor, Tensor, Tensor]
 
@@ -249,6 +266,104 @@ def _randn_v2_numpy(rows: np.ndarray, n_blocks: int, key: tuple[int, int]) -> np
     return out.reshape(len(rows), 4 * n_blocks)
 
 
+# ---- version 3: Philox4x64-10 words (numpy's C generator), float32 Box-Muller on halves of a row ----
+
+#: Philox4x64 round multipliers and Weyl key increments (Salmon et al. 2011, Random123): the reference
+#: definition of version 3's words, which numpy's ``Philox`` bit generator computes in C (tested against it).
+PHILOX64_M = (0xD2E7470EE14C6C93, 0xCA5A826395121157)
+PHILOX64_W = (0x9E3779B97F4A7C15, 0xBB67AE8584CAA73B)
+_MASK64 = (1 << 64) - 1
+
+
+def philox4x64_reference(
+    counter: Sequence[int], key: Sequence[int], rounds: int = PHILOX_ROUNDS
+) -> list[int]:
+    """Philox4x64-``rounds`` of one counter (4 x 64 bits) under ``key`` (2 x 64 bits), in Python integers.
+
+    The definition of version 3's words, slow and plain; :func:`_philox4x64_rows` computes the same
+    words with numpy's C implementation and is tested against this function.
+    """
+    c = [int(x) & _MASK64 for x in counter]
+    k0, k1 = int(key[0]) & _MASK64, int(key[1]) & _MASK64
+    for _ in range(rounds):
+        p0, p1 = PHILOX64_M[0] * c[0], PHILOX64_M[1] * c[2]
+        c = [(p1 >> 64) ^ c[1] ^ k0, p1 & _MASK64, (p0 >> 64) ^ c[3] ^ k1, p0 & _MASK64]
+        k0, k1 = (k0 + PHILOX64_W[0]) & _MASK64, (k1 + PHILOX64_W[1]) & _MASK64
+    return c
+
+
+class _Philox4x64Rows:
+    """Rows of Philox4x64-10 words under one key: row ``i``'s word ``j`` is word ``j % 4`` of the block
+    with counter ``(j // 4 + 1, i, 0, 0)`` (``i`` as a 64-bit two's complement integer).
+
+    numpy's ``Philox`` bit generator computes the blocks in C; it adds one to the counter before each
+    block, so a state with counter ``(0, i, 0, 0)`` and an empty buffer starts the row at block 1.
+    """
+
+    def __init__(self, key: int) -> None:
+        self._bits = np.random.Philox(key=np.array([key & _MASK64, 0], dtype=np.uint64))
+        self._state = self._bits.state
+        self._counter = np.zeros(4, dtype=np.uint64)
+        self._state["state"]["counter"] = self._counter
+        self._empty = len(self._state["buffer"])  # buffer position "past the end": no words buffered
+
+    def fill(self, rows: np.ndarray, out: np.ndarray) -> None:
+        """``out[r] =`` the first ``out.shape[1]`` words of row ``rows[r]`` (``out`` uint64, C-contiguous)."""
+        n_words = out.shape[1]
+        for r, row in enumerate(rows):
+            self._counter[1] = row
+            self._state["buffer_pos"] = self._empty
+            self._bits.state = self._state
+            out[r] = self._bits.random_raw(n_words)
+
+
+def _philox4x64_rows(rows: np.ndarray, n_words: int, key: int) -> np.ndarray:
+    """``(len(rows), n_words)`` uint64 words of version 3 (see :class:`_Philox4x64Rows`)."""
+    out = np.empty((len(rows), n_words), dtype=np.uint64)
+    _Philox4x64Rows(key).fill(rows, out)
+    return out
+
+
+#: Version 3 converts about this many pairs at a time (tiles of whole rows; the fastest of 2^12 .. 2^16
+#: on a 2-core x86 machine with 1 thread).
+V3_TILE_PAIRS = 1 << 15
+
+
+def _randn_v3_numpy(rows: np.ndarray, numel: int, key: int) -> np.ndarray:
+    """``(len(rows), numel)`` float32 normals of version 3, tile by tile (see the module docstring).
+
+    Row ``r`` takes ``P = ceil(numel / 2)`` words, i.e. the 32-bit values ``v_0 .. v_2P-1`` (``v_2j`` the
+    low half of word ``j``, ``v_2j+1`` its high half); pair ``p`` is ``(v_p, v_P+p)``: element ``p`` is
+    ``r_p cos a_p`` and element ``P + p`` is ``r_p sin a_p``, with ``r_p = sqrt(-2 log((v_p + 1/2) 2^-32))``
+    and ``a_p = v_P+p 2 pi 2^-32``, every step in float32 (each value rounded to float32 first).
+    """
+    n_pairs = -(-numel // 2)
+    out = np.empty((len(rows), 2 * n_pairs), dtype=np.float32)
+    rows_per_tile = max(1, min(len(rows), V3_TILE_PAIRS // n_pairs))
+    words = np.empty((rows_per_tile, n_pairs), dtype=np.uint64)
+    radius_buf = np.empty((rows_per_tile, n_pairs), dtype=np.float32)
+    angle_buf = np.empty((rows_per_tile, n_pairs), dtype=np.float32)
+    source = _Philox4x64Rows(key)
+    for r0 in range(0, len(rows), rows_per_tile):
+        r1 = min(len(rows), r0 + rows_per_tile)
+        w, radius, angle = words[: r1 - r0], radius_buf[: r1 - r0], angle_buf[: r1 - r0]
+        source.fill(rows[r0:r1], w)
+        values = w.astype("<u8", copy=False).view("<u4")  # v_2j = low half of word j (a view, no copy)
+        # each uint32 is rounded to float32 as it is read (one pass for the cast and the first op)
+        np.add(values[:, :n_pairs], np.float32(0.5), out=radius, dtype=np.float32, casting="unsafe")
+        np.multiply(radius, np.float32(2.0**-32), radius)  # u in (0, 1]: log(u) <= 0, never NaN
+        np.log(radius, radius)
+        np.multiply(radius, np.float32(-2.0), radius)
+        np.sqrt(radius, radius)
+        np.multiply(values[:, n_pairs:], _ANGLE32, out=angle, dtype=np.float32, casting="unsafe")
+        cos_half, sin_half = out[r0:r1, :n_pairs], out[r0:r1, n_pairs:]
+        np.cos(angle, cos_half)
+        np.multiply(cos_half, radius, cos_half)
+        np.sin(angle, angle)
+        np.multiply(angle, radius, sin_half)
+    return out[:, :numel]
+
+
 def _index_tensor(indices: Sequence[int] | Tensor | np.ndarray, device) -> Tensor:
     if isinstance(indices, Tensor):
         if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
@@ -319,14 +434,21 @@ def keyed_randn(
 ) -> Tensor:
     """``(len(indices), *shape)`` standard normals; row ``i`` depends only on (seed, stream, step, indices[i]).
 
-    Device rule as :func:`keyed_bits`. ``version`` chooses the conversion of the words (one of
+    Device rule as :func:`keyed_bits`. ``version`` chooses the random stream (one of
     ``NORMAL_VERSIONS``, see the module docstring): 1 is Box-Muller in float64 rounded once to
-    ``dtype``, 2 is Box-Muller in float32 (then cast to ``dtype``), the same words and pairs.
+    ``dtype``, 2 is Box-Muller in float32 (then cast to ``dtype``), the same words and pairs; 3 is float32
+    Box-Muller on Philox4x64 words, drawn on the CPU and then moved to the device.
     """
     if version not in NORMAL_VERSIONS:
         raise ValueError(f"keyed_randn version must be one of {NORMAL_VERSIONS}; got {version!r}")
     shape = tuple(int(s) for s in shape)
     numel = math.prod(shape)
+    if version == 3:
+        idx = _index_tensor(indices, "cpu")  # drawn on the CPU (numpy's C Philox), then moved
+        rows = idx.numpy().view(np.uint64)
+        z = torch.from_numpy(_randn_v3_numpy(rows, numel, keyed_seed(seed, stream, step)))
+        target = device if device is not None else (indices.device if isinstance(indices, Tensor) else "cpu")
+        return z.to(device=target, dtype=dtype).reshape(len(idx), *shape)
     if version == 2:
         n_blocks = -(-numel // 4)
         idx = _index_tensor(indices, device)

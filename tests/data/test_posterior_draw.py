@@ -1,8 +1,10 @@
-"""The data workers' posterior noise: keyed normals of version 2 (float32 Box-Muller) on the CPU.
+"""The data workers' posterior noise: keyed normals of version 3 (float32 Box-Muller on Philox4x64 words),
+and of version 2 (float32 Box-Muller on Philox4x32 words), which checkpoints made before version 3 resume.
 
-Its law (moments, Kolmogorov-Smirnov, tails, independence across partners, pairs and keys), its keys
-(same key, same bits, whatever the batch), the numpy path against the torch path that other devices
-run, its distance to version 1, and the version a resumed checkpoint carries. Statistical bounds are 5
+Their law (moments, Kolmogorov-Smirnov, tails, independence across partners, pairs and keys), their keys
+(same key, same bits, whatever the batch), version 3's words against a plain definition of Philox4x64-10
+and its published known answers, version 2's numpy path against the torch path that other devices run,
+its distance to version 1, and the version a resumed checkpoint carries. Statistical bounds are 5
 standard errors (or the KS critical value at alpha = 0.001) on fixed seeds: deterministic, and a lost
 word, a reused counter or a wrong Box-Muller fails them by a wide margin.
 """
@@ -34,6 +36,10 @@ ULP = torch.finfo(torch.float32).eps
 
 def _v2(shape, seed, stream, step, indices, **kwargs) -> torch.Tensor:
     return keyed_randn(shape, seed, stream, step, indices, version=2, **kwargs)
+
+
+def _v3(shape, seed, stream, step, indices, **kwargs) -> torch.Tensor:
+    return keyed_randn(shape, seed, stream, step, indices, version=3, **kwargs)
 
 
 def _ks_statistic(samples: np.ndarray) -> float:
@@ -116,8 +122,8 @@ def test_version_2_is_version_1_up_to_float32_rounding() -> None:
     v2 = _v2((4, 16, 16), 2, "data.posterior", 0, range(200), dtype=torch.float64)
     assert (v2 - v1).abs().max() < 2e-5
     assert not torch.equal(v2, v1.float().double())  # a different stream for exact reproduction
-    with pytest.raises(ValueError, match=r"version must be one of \(1, 2\); got 3"):
-        keyed_randn((2,), 0, "z", 0, [1], version=3)
+    with pytest.raises(ValueError, match=r"version must be one of \(1, 2, 3\); got 4"):
+        keyed_randn((2,), 0, "z", 0, [1], version=4)
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +136,7 @@ def shard_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_the_posterior_draws_version_2_and_a_resume_keeps_the_checkpoints_version(shard_dir: Path) -> None:
+def test_the_posterior_draws_version_3_and_a_resume_keeps_the_checkpoints_version(shard_dir: Path) -> None:
     def datamodule() -> LatentDataModule:
         return LatentDataModule(str(shard_dir), num_workers=0, pin_memory=False, global_batch_size=4, seed=3)
 
@@ -147,17 +153,149 @@ def test_the_posterior_draws_version_2_and_a_resume_keeps_the_checkpoints_versio
     flipped = x.flatten(1).mean(1) < 0
     v1 = keyed_randn((4, 4, 4), 3, "data.posterior", 0, keys)
     v2 = _v2((4, 4, 4), 3, "data.posterior", 0, keys)
-    assert torch.equal(x, expected(v2, flipped)) and not torch.equal(x, expected(v1, flipped))
-    assert POSTERIOR_NORMALS_VERSION == 2 and dm.state_dict()["posterior_normals_version"] == 2
+    v3 = _v3((4, 4, 4), 3, "data.posterior", 0, keys)
+    assert torch.equal(x, expected(v3, flipped))
+    assert not torch.equal(x, expected(v1, flipped)) and not torch.equal(x, expected(v2, flipped))
+    assert POSTERIOR_NORMALS_VERSION == 3 and dm.state_dict()["posterior_normals_version"] == 3
 
-    # a checkpoint from before the version was saved drew version 1, and resumes with it
+    # a checkpoint of version 2 resumes with version 2; one from before the version was saved drew
+    # version 1, and resumes with it
     old_state = {k: v for k, v in dm.state_dict().items() if k != "posterior_normals_version"}
-    for setup_first in (True, False):
-        resumed = datamodule()
-        if setup_first:
-            resumed.train_source()
-        resumed.load_state_dict(old_state)
-        assert torch.equal(batch(resumed), expected(v1, flipped))
-        assert resumed.state_dict()["posterior_normals_version"] == 1
-    with pytest.raises(ConfigurationError, match=r"posterior noise version 9 is not one of \(1, 2\)"):
+    for state, version, noise in ((old_state, 1, v1), ({**old_state, "posterior_normals_version": 2}, 2, v2)):
+        for setup_first in (True, False):
+            resumed = datamodule()
+            if setup_first:
+                resumed.train_source()
+            resumed.load_state_dict(state)
+            assert torch.equal(batch(resumed), expected(noise, flipped))
+            assert resumed.state_dict()["posterior_normals_version"] == version
+    with pytest.raises(ConfigurationError, match=r"posterior noise version 9 is not one of \(1, 2, 3\)"):
         datamodule().load_state_dict({**old_state, "posterior_normals_version": 9})
+
+
+# ------------------------------------------------------------------------------------------------ version 3
+
+M64 = (1 << 64) - 1
+#: Philox4x64-10 known-answer vectors of Random123 (kat_vectors): counter, key -> output.
+PHILOX4X64_10_KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x16554D9ECA36314C, 0xDB20FE9D672D0FDC, 0xD7E772CEE186176B, 0x7E68B68AEC7BA23B)),
+    (
+        (M64, M64, M64, M64),
+        (M64, M64),
+        (0x87B092C3013FE90B, 0x438C3C67BE8D0224, 0x9CC7D7C69CD777B6, 0xA09CAEBF594F0BA0),
+    ),
+    (
+        (0x243F6A8885A308D3, 0x13198A2E03707344, 0xA4093822299F31D0, 0x082EFA98EC4E6C89),
+        (0x452821E638D01377, 0xBE5466CF34E90C6C),
+        (0xA528F45403E61D95, 0x38C72DBD566E9788, 0xA5A1610E72FD18B5, 0x57BD43B5E52B7FE6),
+    ),
+]
+V3_INDICES = [0, 5, 2**32 + 3, 2**40, -1, -(2**33), 2**63 - 1]
+
+
+def _reference_words(index: int, n_words: int, key: int) -> list[int]:
+    """Version 3's words of one row, from the plain definition: counters (block + 1, index, 0, 0), key (K, 0)."""
+    words: list[int] = []
+    block = 1
+    while len(words) < n_words:
+        words += randomness.philox4x64_reference((block, index & M64, 0, 0), (key, 0))
+        block += 1
+    return words[:n_words]
+
+
+def test_the_philox4x64_reference_gives_the_published_known_answers() -> None:
+    for counter, key, expected in PHILOX4X64_10_KAT:
+        assert tuple(randomness.philox4x64_reference(counter, key)) == expected
+    assert randomness.philox4x64_reference((0, 0, 0, 0), (0, 0), rounds=9) != list(PHILOX4X64_10_KAT[0][2])
+
+
+def test_version_3_words_are_philox4x64_10_of_the_documented_counters() -> None:
+    """numpy's C Philox, as the data workers run it, against the plain definition, word for word."""
+    key = keyed_seed(5, "data.posterior", 0)
+    rows = np.array(V3_INDICES, dtype=np.int64).view(np.uint64)
+    for n_words in (1, 4, 9):  # part of a block, one block, a block and more
+        words = randomness._philox4x64_rows(rows, n_words, key)
+        assert words.dtype == np.uint64 and words.shape == (len(rows), n_words)
+        for row, index in zip(words, V3_INDICES, strict=True):
+            assert [int(w) for w in row] == _reference_words(index, n_words, key)
+
+
+def _v3_from_reference(index: int, numel: int, key: int) -> np.ndarray:
+    """Version 3's normals of one row in float64 from the reference words (float32-rounded values and angle
+    step, as documented): what the float32 pipeline approximates."""
+    n_pairs = -(-numel // 2)
+    words = _reference_words(index, n_pairs, key)
+    values = [v for w in words for v in (w & 0xFFFFFFFF, w >> 32)]  # v_2j low half, v_2j+1 high half
+    rounded = np.array(values, dtype=np.float64).astype(np.float32).astype(np.float64)
+    radius = np.sqrt(-2 * np.log((rounded[:n_pairs] + 0.5) * 2.0**-32))
+    angle = rounded[n_pairs:] * float(randomness._ANGLE32)
+    return np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:numel]
+
+
+def test_version_3_normals_are_float32_box_muller_of_the_reference_words() -> None:
+    """Radii from the first half of a row's 32-bit values, angles from the second; cosines first."""
+    key = keyed_seed(2, "data.posterior", 7)
+    for numel in (1, 7, 64, 301):
+        z = _v3((numel,), 2, "data.posterior", 7, V3_INDICES).double().numpy()
+        expected = np.stack([_v3_from_reference(i, numel, key) for i in V3_INDICES])
+        assert z.shape == expected.shape
+        # float32 rounding of u, log, the radius, the angle, cos and sin: a few ulps of max(|z|, 1)
+        assert (np.abs(z - expected) <= 16 * float(ULP) * np.maximum(np.abs(expected), 1)).all()
+        assert np.abs(z - expected).max() > 0 or numel == 1  # computed in float32, not copied from float64
+
+
+def test_version_3_normals_follow_the_standard_normal_law() -> None:
+    flat = _v3((4, 8, 8), 0, "data.posterior", 0, range(1_000)).reshape(-1).double().numpy()
+    n = flat.size  # 256,000
+    assert np.isfinite(flat).all()
+    assert _ks_statistic(flat[::4]) < 1.95 / math.sqrt(n // 4)
+    assert abs(flat.mean()) < 5 / math.sqrt(n)
+    assert abs(flat.var() - 1) < 5 * math.sqrt(2 / n)
+    assert abs((flat**3).mean()) < 5 * math.sqrt(15 / n)
+    assert abs((flat**4).mean() - 3) < 5 * math.sqrt(96 / n)
+    for cut in (2.0, 3.0):
+        p = math.erfc(cut / math.sqrt(2))
+        assert abs(float((np.abs(flat) > cut).mean()) - p) < 5 * math.sqrt(p * (1 - p) / n)
+
+
+def test_version_3_normals_are_independent_across_partners_halves_and_keys() -> None:
+    n = 40_000
+    bound = 5 / math.sqrt(n)
+    z = _v3((8,), 0, "z", 0, range(n))  # P = 4: radii from v_0..v_3, angles from v_4..v_7
+    assert abs(_correlation(z[:, 0], z[:, 4])) < bound  # cos and sin of one pair
+    assert abs(_correlation(z[:, 0] ** 2, z[:, 4] ** 2)) < bound  # one radius, independent squares
+    assert abs(_correlation(z[:, 0], z[:, 1])) < bound  # radii from the two halves of one word
+    assert abs(_correlation(z[:, 0] ** 2, z[:, 2] ** 2)) < bound  # radii from neighbouring words
+    assert abs(_correlation(z[:, 3], z[:, 7])) < bound  # the last pair
+    assert abs(_correlation(z[:-1, 0], z[1:, 0])) < bound  # neighbouring keys
+    for other in (
+        _v3((8,), 0, "z", 1, range(n)),
+        _v3((8,), 0, "z2", 0, range(n)),
+        _v3((8,), 1, "z", 0, range(n)),
+        _v2((8,), 0, "z", 0, range(n)),  # the same keys in version 2: other words
+    ):
+        assert abs(_correlation(z, other)) < 5 / math.sqrt(z.numel())
+
+
+def test_version_3_a_key_draws_the_same_values_whatever_its_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    full = _v3((4, 6, 6), 7, "data.posterior", 0, range(40))
+    assert full.shape == (40, 4, 6, 6) and full.dtype == torch.float32
+    assert torch.equal(_v3((4, 6, 6), 7, "data.posterior", 0, range(40)), full)
+    picked = [31, 2, 17, 2, 39]
+    assert torch.equal(_v3((4, 6, 6), 7, "data.posterior", 0, picked), full[picked])
+    assert torch.equal(_v3((4, 6, 6), 7, "data.posterior", 0, torch.tensor(picked)), full[picked])
+    assert torch.equal(_v3((4, 6, 6), 7, "data.posterior", 0, np.array(picked)), full[picked])
+    assert torch.equal(
+        _v3((4, 6, 6), 7, "data.posterior", 0, picked, dtype=torch.float64), full[picked].double()
+    )
+    assert not torch.equal(_v3((4, 6, 6), 8, "data.posterior", 0, picked), full[picked])
+    assert _v3((4, 6, 6), 7, "data.posterior", 0, []).shape == (0, 4, 6, 6)
+    for pairs_per_tile in (1, 18, 50, 100_000):  # a row per tile, rows split unevenly, all in one tile
+        monkeypatch.setattr(randomness, "V3_TILE_PAIRS", pairs_per_tile)
+        assert torch.equal(_v3((4, 6, 6), 7, "data.posterior", 0, range(40)), full)
+
+
+def test_torch_cpu_generators_keep_only_32_bits_of_a_seed() -> None:
+    """Why version 3 is not one seeded torch.Generator per sample: 2^32 streams for ~10^8 keys collide."""
+    a = torch.randn(8, generator=torch.Generator().manual_seed(12345))
+    assert torch.equal(a, torch.randn(8, generator=torch.Generator().manual_seed(12345 + 2**32)))

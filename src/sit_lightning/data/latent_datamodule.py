@@ -45,9 +45,10 @@ VAL_STREAM_PREFIX = "val."  # validation keys restart at 0: their own streams ke
 SPLIT_STREAM = "data.val_split"
 FLIP_PROBABILITY = 0.5
 _KEYED_STEP = 0  # the key already holds the epoch, so the randomness "step" slot stays constant
-#: ``keyed_randn`` version of the posterior noise (2: float32 Box-Muller, the data workers' cost); saved in
-#: checkpoints, and a checkpoint without it (version 1, float64) resumes with version 1: the same noise.
-POSTERIOR_NORMALS_VERSION = 2
+#: ``keyed_randn`` version of the posterior noise (3: float32 Box-Muller on Philox4x64 words, the cheapest in
+#: the data workers); saved in checkpoints: a checkpoint of version 2 resumes with version 2, and one without
+#: it (version 1, float64) resumes with version 1, so a resume draws the same noise.
+POSTERIOR_NORMALS_VERSION = 3
 _VERSION_KEY = "posterior_normals_version"
 
 
