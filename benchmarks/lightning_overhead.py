@@ -51,15 +51,8 @@ sys.path.insert(
     0, str(Path(__file__).resolve().parent)
 )  # train_throughput and bench_records, beside this file
 
-from bench_records import (  # noqa: E402
-    cell,
-    command_line,
-    environment,
-    failure,
-    resolve_device,
-    say,
-    write_result,
-)
+import bench_records as records  # noqa: E402
+from bench_records import cell, say  # noqa: E402
 from train_throughput import (  # noqa: E402
     DEFAULT_MODELS,
     GIB,
@@ -272,14 +265,14 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     """Run the benchmark (``argv`` as on the command line) and return its rows."""
     parser = _build_parser()
     args = parser.parse_args(argv)
-    args.device = resolve_device(args.device)
+    args.device = records.resolve_device(args.device)
     if args.steps < 1 or args.warmup < 1 or args.rounds < 1:
         parser.error(
             f"--steps, --warmup and --rounds must be >= 1; got {args.steps}, {args.warmup}, {args.rounds}"
         )
     device: torch.device = args.device
     began = time.perf_counter()
-    measured_on = environment(device)
+    environment = records.environment(device)
     overrides = ArchOverrides(args.depth, args.hidden_size, args.num_heads)
     settings = {
         "models": [f"{m.arch}:{m.batch}" for m in args.models],
@@ -289,9 +282,9 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         "compile": args.compile,
         "overrides": asdict(overrides),
         "log_every_n_steps": LOG_EVERY_N_STEPS,
-        "command": command_line("lightning_overhead.py", argv),
+        "command": records.command_line("lightning_overhead.py", argv),
     }
-    say("environment: " + ", ".join(f"{k}={v}" for k, v in measured_on.items()))
+    say("environment: " + ", ".join(f"{k}={v}" for k, v in environment.items()))
     rows: list[Row] = []
     root = (args.out or Path(".")) / "lightning_overhead_runs"
     for spec in args.models:
@@ -304,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
             try:
                 _measure(spec, args, overrides, row, root, say)
             except Exception as err:  # an OOM or a compile failure is this row's result
-                row.error = failure(err)
+                row.error = records.failure(err)
             gc.collect()
             if args.compile:
                 torch._dynamo.reset()
@@ -313,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         row.finish()
         say(TABLE_HEADER + "\n" + row.markdown())
         if args.out is not None:
-            _write(args.out, measured_on, settings, rows)
+            _write(args.out, environment, settings, rows)
     return rows
 
 
@@ -351,14 +344,14 @@ def _measure(
         del module
 
 
-def _write(out: Path, measured_on: dict[str, Any], settings: dict[str, Any], rows: list[Row]) -> None:
+def _write(out: Path, environment: dict[str, Any], settings: dict[str, Any], rows: list[Row]) -> None:
     payload = {
-        "environment": measured_on,
+        "environment": environment,
         "settings": settings,
         "max_overhead": MAX_OVERHEAD,
         "rows": [asdict(row) for row in rows],
     }
-    write_result(
+    records.write_result(
         out, RESULT_NAME, payload, TABLE_HEADER + "\n" + "\n".join(r.markdown() for r in rows) + "\n"
     )
 

@@ -62,15 +62,8 @@ from torch import Tensor
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # bench_records, beside this file
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_records import (  # noqa: E402
-    cell,
-    command_line,
-    environment,
-    failure,
-    resolve_device,
-    say,
-    write_result,
-)
+import bench_records as records  # noqa: E402
+from bench_records import cell, say  # noqa: E402
 
 from sit_lightning.evaluation.images import make_decoder, to_uint8  # noqa: E402
 from sit_lightning.models import SiTConfig  # noqa: E402
@@ -156,7 +149,7 @@ class Report:
             "rows": [asdict(r) for r in self.rows],
             "summary": self.summary(),
         }
-        write_result(out, RESULT_NAME, payload, self.markdown())
+        records.write_result(out, RESULT_NAME, payload, self.markdown())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -369,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
     """Run the benchmark (``argv`` as on the command line) and return its report."""
     parser = _build_parser()
     args = parser.parse_args(argv)
-    args.device = resolve_device(args.device)
+    args.device = records.resolve_device(args.device)
     if args.smoke:
         args.num_samples, args.steps = min(args.num_samples, 2), args.steps or 2
         args.warmup_steps = 1
@@ -380,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
     device: torch.device = args.device
     settings = replace(sampler_preset(PRESET), steps=steps)
     report = Report(
-        environment(device),
+        records.environment(device),
         {
             "arch": "smoke" if args.smoke else args.arch,
             "preset": PRESET,
@@ -392,7 +385,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
             "vae": args.vae,
             "released_tf32": args.released_tf32 and device.type == "cuda",
             "fp32_tf32": args.fp32_tf32 and device.type == "cuda",
-            "command": command_line("sample_throughput.py", argv),
+            "command": records.command_line("sample_throughput.py", argv),
         },
     )
     say("environment: " + ", ".join(f"{k}={v}" for k, v in report.environment.items()))
@@ -435,7 +428,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
             if not math.isfinite(float(samples.abs().max())):
                 row.note = "non-finite samples"
         except Exception as err:  # an OOM or a compile failure is this row's result
-            row.error = failure(err)
+            row.error = records.failure(err)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()

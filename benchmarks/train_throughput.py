@@ -81,15 +81,8 @@ from torch import Tensor
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # bench_records, beside this file
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_records import (  # noqa: E402
-    cell,
-    command_line,
-    environment,
-    failure,
-    resolve_device,
-    say,
-    write_result,
-)
+import bench_records as records  # noqa: E402
+from bench_records import cell, say  # noqa: E402
 
 from sit_lightning.callbacks.ema import PAPER_EMA_DECAY, EMACallback  # noqa: E402
 from sit_lightning.callbacks.throughput import TRAIN_FLOPS_MULTIPLIER  # noqa: E402
@@ -446,7 +439,7 @@ class BenchmarkReport:
             "settings": self.settings,
             "rows": [asdict(row) for row in self.rows],
         }
-        write_result(out, RESULT_NAME, payload, self.markdown())
+        records.write_result(out, RESULT_NAME, payload, self.markdown())
 
 
 def _measure(
@@ -531,12 +524,12 @@ def main(argv: Sequence[str] | None = None) -> BenchmarkReport:
         parser.error(f"--device must be cuda or cpu; got {args.device}")
     if args.steps < 1 or args.warmup < 0:
         parser.error(f"--steps must be >= 1 and --warmup >= 0; got {args.steps} and {args.warmup}")
-    device: torch.device = resolve_device(args.device)
+    device: torch.device = records.resolve_device(args.device)
     args.device = device
     began = time.perf_counter()
 
-    measured_on = environment(device)
-    say("environment: " + ", ".join(f"{k}={v}" for k, v in measured_on.items()))
+    environment = records.environment(device)
+    say("environment: " + ", ".join(f"{k}={v}" for k, v in environment.items()))
     if args.peak_tflops is not None:
         peak_flops: float | None = args.peak_tflops * TERA
         peak_source = "--peak-tflops"
@@ -564,10 +557,10 @@ def main(argv: Sequence[str] | None = None) -> BenchmarkReport:
         "latent_shape": [LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE],
         "num_classes": NUM_CLASSES,
         "time_budget_s": args.time_budget,
-        "command": command_line("train_throughput.py", argv),
+        "command": records.command_line("train_throughput.py", argv),
     }
     report = BenchmarkReport(
-        measured_on, None if peak_flops is None else peak_flops / TERA, peak_source, settings
+        environment, None if peak_flops is None else peak_flops / TERA, peak_source, settings
     )
     say("\n" + TABLE_HEADER)
 
@@ -590,7 +583,7 @@ def main(argv: Sequence[str] | None = None) -> BenchmarkReport:
                 try:
                     _measure(recipe, spec, data[spec], args, overrides, peak_flops, row)
                 except Exception as err:  # an OOM or a compile failure is this row's result
-                    row.error = failure(err)
+                    row.error = records.failure(err)
                     if device.type == "cuda":
                         row.peak_gib = torch.cuda.max_memory_allocated(device) / GIB
                 row.wall_s = time.perf_counter() - start
