@@ -247,7 +247,7 @@ def test_a_decoder_normalisation_that_disagrees_with_the_shards_is_refused(laten
             SampleGridCallback(decoder=given).match_training_data(datamodule)
     # in a fit, before the first step
     trainer = quiet_trainer(
-        tmp_path, max_steps=1, limit_val_batches=None,  # Lightning's default: every validation batch
+        tmp_path, max_steps=1, limit_val_batches=None, num_sanity_val_steps=None,  # Lightning's defaults
         callbacks=[SampleGridCallback(decoder=str(vae_dir), latent_scale=0.5)],
     )  # fmt: skip
     with pytest.raises(ConfigurationError, match=r"\(scale=0.5\).*channel_mean"):
