@@ -299,3 +299,54 @@ def test_torch_cpu_generators_keep_only_32_bits_of_a_seed() -> None:
     """Why version 3 is not one seeded torch.Generator per sample: 2^32 streams for ~10^8 keys collide."""
     a = torch.randn(8, generator=torch.Generator().manual_seed(12345))
     assert torch.equal(a, torch.randn(8, generator=torch.Generator().manual_seed(12345 + 2**32)))
+
+
+# ------------------------------------------------------------------------------------------- the data path
+
+
+@pytest.mark.parametrize("normalization", ["scale", "channel"])
+@pytest.mark.parametrize("sample_posterior", [True, False])
+def test_a_batch_is_the_posterior_formula_of_the_drawn_flip_bit_for_bit(
+    tmp_path: Path, normalization: str, sample_posterior: bool
+) -> None:
+    """load() reads only the drawn flip's moments and works in place: the same values as mean + std * noise
+    of the full moments, then normalize, computed the plain way; the batch is its own contiguous memory."""
+    rng = np.random.default_rng(0)
+    shape = (3, 4, 4)
+    means = rng.standard_normal((2, 37, *shape), dtype=np.float32)
+    stds = rng.uniform(0.05, 0.5, (2, 37, *shape)).astype(np.float32)
+    stats = (
+        {"channel_mean": [0.3, -0.2, 0.1], "channel_std": [1.5, 0.7, 2.0]}
+        if normalization == "channel"
+        else {}
+    )
+    writer = LatentShardWriter(
+        tmp_path, shape, shard_size=10, vae_id="t", class_names=["a"], normalization=normalization, **stats
+    )
+    writer.add(means[0], stds[0], means[1], stds[1], np.zeros(37, np.int64))
+    writer.close()
+    dm = LatentDataModule(
+        str(tmp_path),
+        num_workers=0,
+        pin_memory=False,
+        global_batch_size=4,
+        seed=11,
+        sample_posterior=sample_posterior,
+    )
+    source = dm.train_source()
+    rows = np.array([36, 3, 17, 3, 25, 0, 9, 30])  # across shards, out of order, a repeat
+    keys = np.arange(500, 508)
+    x = source.load(rows, keys)["x"]
+
+    full = torch.from_numpy(source.shards.moments(rows))  # (b, 2 flips, 2, C, H, W)
+    flipped = randomness.keyed_rand((), 11, "data.flip", 0, keys) < 0.5
+    assert 0 < int(flipped.sum()) < len(rows)  # both flips drawn
+    chosen = full[torch.arange(len(rows)), flipped.long()]
+    assert torch.equal(torch.from_numpy(source.shards.moments(rows, flips=flipped.numpy())), chosen)
+    mean, std = chosen[:, 0], chosen[:, 1]
+    z = mean + std * _v3(shape, 11, "data.posterior", 0, keys) if sample_posterior else mean
+    assert torch.equal(x, source.shards.normalize(z))
+    assert x.is_contiguous() and x.dtype == torch.float32 and x.shape == (len(rows), *shape)
+    assert x.untyped_storage().nbytes() == x.numel() * 4  # no other buffer behind it
+    with pytest.raises(ValueError, match="one bool per index: 2 for 8 indices"):
+        source.shards.moments(rows, flips=[True, False])

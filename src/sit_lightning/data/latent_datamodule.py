@@ -104,13 +104,15 @@ class LatentSource:
     def load(self, indices: np.ndarray, keys: np.ndarray) -> dict[str, Tensor]:
         """``{"x": (b, C, H, W) float32 normalised latents, "y": (b,) int64}`` for split ``indices``."""
         rows = indices if self.subset is None else self.subset[indices]
-        moments = torch.from_numpy(self.shards.moments(rows))  # (b, 2, 2, C, H, W)
         b = len(rows)
         if self.flip:
             flipped = keyed_rand((), self.seed, self.flip_stream, _KEYED_STEP, keys) < FLIP_PROBABILITY
         else:
             flipped = torch.zeros(b, dtype=torch.bool)
-        chosen = moments[torch.arange(b), flipped.long()]  # (b, 2, C, H, W)
+        # only the drawn flip's moments are read; every tensor below is this call's own, so the posterior
+        # sample and the normalisation run in place (the same operations as mean + std * noise, then
+        # normalize: the same values, without three more batch-sized buffers)
+        chosen = torch.from_numpy(self.shards.moments(rows, flips=flipped.numpy()))  # (b, 2, C, H, W)
         mean, std = chosen[:, 0], chosen[:, 1]
         if self.sample_posterior:
             noise = keyed_randn(
@@ -121,10 +123,10 @@ class LatentSource:
                 keys,
                 version=self.normals_version,
             )
-            z = mean + std * noise
+            z = noise.mul_(std).add_(mean)
         else:
-            z = mean
-        x = self.shards.normalize(z).to(torch.float32)
+            z = mean.contiguous()  # a copy: the batch does not keep the std half alive
+        x = self.shards.normalize(z, in_place=True)
         # A NaN or inf makes its row's sum non-finite: one reduction, ~1% of making the batch (the keyed
         # posterior noise dominates), where an elementwise isfinite costs ~15%. A finite row overflows
         # only with values near float32's limit / (C*H*W), bad data as well.

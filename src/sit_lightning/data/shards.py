@@ -524,11 +524,23 @@ class LatentShards:
             self._memmaps[kind] = [np.load(self.path / s[kind], mmap_mode="r") for s in self.index["shards"]]
         return self._memmaps[kind]
 
-    def moments(self, indices: np.ndarray | Sequence[int]) -> np.ndarray:
-        """``(n, 2, 2, C, H, W)`` float32 unscaled moments ``[flip][mean, std]`` of the images ``indices``."""
-        return self._gather(
-            "moments", indices, _moments_shape(0, self.latent_shape)[1:], np.dtype(np.float32)
-        )
+    def moments(
+        self, indices: np.ndarray | Sequence[int], flips: np.ndarray | Sequence[bool] | None = None
+    ) -> np.ndarray:
+        """``(n, 2, 2, C, H, W)`` float32 unscaled moments ``[flip][mean, std]`` of the images ``indices``.
+
+        With ``flips`` (one bool per index), only the moments of that flip are read: ``(n, 2, C, H, W)``
+        ``[mean, std]``, equal to ``moments(indices)[arange(n), flips]`` and half the bytes.
+        """
+        shape = _moments_shape(0, self.latent_shape)[1:]
+        if flips is None:
+            return self._gather("moments", indices, shape, np.dtype(np.float32))
+        flips = np.asarray(flips, dtype=bool).reshape(-1)
+        if len(flips) != len(np.asarray(indices).reshape(-1)):
+            raise ValueError(
+                f"flips needs one bool per index: {len(flips)} for {len(np.asarray(indices))} indices"
+            )
+        return self._gather("moments", indices, shape[1:], np.dtype(np.float32), flips.astype(np.int64))
 
     def images(self, indices: np.ndarray | Sequence[int]) -> np.ndarray:
         """``(n, 3, S, S)`` uint8 centre-cropped images (unflipped) ``indices``; the folder must hold them."""
@@ -547,8 +559,14 @@ class LatentShards:
         return self._gather("features", indices, self.feature_shape, FEATURE_DTYPE)
 
     def _gather(
-        self, kind: str, indices: np.ndarray | Sequence[int], shape: Sequence[int], dtype: np.dtype
+        self,
+        kind: str,
+        indices: np.ndarray | Sequence[int],
+        shape: Sequence[int],
+        dtype: np.dtype,
+        second: np.ndarray | None = None,
     ) -> np.ndarray:
+        """Rows ``indices`` of the ``kind`` arrays; with ``second``, row ``i``'s entry ``second[i]`` only."""
         indices = np.asarray(indices, dtype=np.int64)
         if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
             raise IndexError(f"indices out of range [0, {len(self)})")
@@ -559,7 +577,10 @@ class LatentShards:
             rows = np.nonzero(shard_of == shard)[0]
             local = indices[rows] - self._starts[shard]
             order = np.argsort(local)  # ascending offsets read the memmap front to back
-            out[rows[order]] = arrays[shard][local[order]]
+            if second is None:
+                out[rows[order]] = arrays[shard][local[order]]
+            else:
+                out[rows[order]] = arrays[shard][local[order], second[rows[order]]]
         return out
 
     def __getitem__(self, index: int) -> LatentRecord:
@@ -573,12 +594,15 @@ class LatentShards:
         std = torch.tensor(self.index["channel_std"], dtype=like.dtype, device=like.device).view(shape)
         return mean, std
 
-    def normalize(self, z: Tensor) -> Tensor:
-        """Unscaled VAE latents ``(..., C, H, W)`` -> the model's data space ``x_1``."""
+    def normalize(self, z: Tensor, *, in_place: bool = False) -> Tensor:
+        """Unscaled VAE latents ``(..., C, H, W)`` -> the model's data space ``x_1``.
+
+        ``in_place=True`` overwrites ``z`` (same operations, same values) and returns it.
+        """
         if self.normalization == "scale":
-            return z * self.scale_factor
+            return z.mul_(self.scale_factor) if in_place else z * self.scale_factor
         mean, std = self._channel_stats(z)
-        return (z - mean) / std
+        return z.sub_(mean).div_(std) if in_place else (z - mean) / std
 
     def denormalize(self, x: Tensor) -> Tensor:
         """Inverse of :meth:`normalize`: model samples -> latents for ``vae.decode``."""
