@@ -24,15 +24,22 @@ A second table times what the data workers draw for each latent on the CPU, its 
 per sample (before), ``keyed_randn`` version 1 (float64 Box-Muller on Philox4x32 words), version 2
 (float32 Box-Muller on the same words) and version 3 (float32 Box-Muller on Philox4x64 words from
 numpy's C generator, what the data module draws now), with the repetitions of the four interleaved.
+
+A third table times a whole batch of the data workers, ``LatentSource.load`` (gather the moments from
+shards on disk, draw the flip and the posterior noise, normalise), now against the load as it was
+before version 3 (written out below: both flips' moments read, version-2 noise, out-of-place
+arithmetic), on shards of ``--posterior``'s latent shape written to a temporary folder.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -137,8 +144,59 @@ def measure_posterior(shape: tuple[int, ...], warmup: int, reps: int) -> dict[st
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def previous_load(source, rows: np.ndarray, keys: np.ndarray) -> Tensor:
+    """``LatentSource.load``'s latents as computed before version 3: both flips' moments gathered, the
+    drawn one picked, version-2 noise, ``normalize(mean + std * noise)`` out of place (same laws)."""
+    from sit_lightning.randomness import keyed_rand
+
+    moments = torch.from_numpy(source.shards.moments(rows))
+    flipped = keyed_rand((), source.seed, source.flip_stream, 0, keys) < 0.5
+    chosen = moments[torch.arange(len(rows)), flipped.long()]
+    noise = keyed_randn(source.shards.latent_shape, source.seed, source.posterior_stream, 0, keys, version=2)
+    x = source.shards.normalize(chosen[:, 0] + chosen[:, 1] * noise).to(torch.float32)
+    torch.isfinite(x.flatten(1).sum(1)).all()
+    return x
+
+
+def measure_load(shape: tuple[int, ...], warmup: int, reps: int) -> dict[str, float]:
+    """Median seconds of one ``LatentSource.load`` of ``shape[0]`` latents: before and now, interleaved."""
+    from sit_lightning.data import LatentDataModule, LatentShardWriter
+
+    n, latent = shape[0], tuple(shape[1:])
+    count = 4 * n
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as folder:
+        writer = LatentShardWriter(
+            folder, latent, shard_size=max(1, count // 3), vae_id="bench", class_names=["a"]
+        )
+        for _ in range(count // n):
+            mean = rng.standard_normal((n, *latent), dtype=np.float32)
+            std = rng.uniform(0.05, 0.5, (n, *latent)).astype(np.float32)
+            writer.add(mean, std, mean[..., ::-1].copy(), std, np.zeros(n, np.int64))
+        writer.close()
+        datamodule = LatentDataModule(folder, num_workers=0, pin_memory=False, global_batch_size=n, seed=SEED)
+        source = datamodule.train_source()
+        rows = rng.permutation(count)[:n]
+        keys = np.arange(STEP * n, (STEP + 1) * n)
+        ways: dict[str, Callable[[], object]] = {
+            "previous_load": lambda: previous_load(source, rows, keys),
+            "load": lambda: source.load(rows, keys),
+        }
+        for fn in ways.values():
+            for _ in range(warmup):
+                fn()
+        times: dict[str, list[float]] = {name: [] for name in ways}
+        for _ in range(reps):
+            for name, fn in ways.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
-    """Prints both tables; returns the rows of both (posterior rows have ``"table": "posterior"``)."""
+    """Prints the three tables; returns their rows (``"table"`` is ``"posterior"`` or ``"load"`` for the
+    second and third)."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--batches", default=DEFAULT_BATCHES, help="comma-separated NxCxHxW shapes")
     parser.add_argument("--device", action="append", default=None, help="cpu / cuda (repeatable)")
@@ -182,6 +240,17 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
             f"| {'x'.join(map(str, shape))} | {1e3 * before:.2f} | {1e3 * t['philox_v1']:.2f} "
             f"| {1e3 * t['philox_v2']:.2f} | {1e3 * t['philox_v3']:.2f} | {t['philox_v2'] / before:.2f}x "
             f"| {t['philox_v3'] / before:.2f}x |",
+            flush=True,
+        )
+    print()
+    print("| LatentSource.load (CPU) | before version 3 ms | now ms | now / before |")
+    print("|---|---:|---:|---:|")
+    for shape in [_parse_batch(b) for b in args.posterior.split(",") if b.strip()]:
+        t = measure_load(shape, args.warmup, args.reps)
+        rows.append({"table": "load", "batch": "x".join(map(str, shape)), **t})
+        print(
+            f"| {'x'.join(map(str, shape))} | {1e3 * t['previous_load']:.2f} | {1e3 * t['load']:.2f} "
+            f"| {t['load'] / t['previous_load']:.2f}x |",
             flush=True,
         )
     return rows

@@ -128,13 +128,14 @@ def test_keyed_draws_benchmark_runs_and_its_reference_is_the_old_per_sample_law(
     spec.loader.exec_module(bench)
     argv = ["--batches", "8x1x4x4,2x4x8x8", "--device", "cpu", "--warmup", "0", "--reps", "1"]
     rows = bench.main([*argv, "--posterior", "16x4x8x8"])
-    assert [row["batch"] for row in rows] == ["8x1x4x4", "2x4x8x8", "16x4x8x8"]
+    assert [row["batch"] for row in rows] == ["8x1x4x4", "2x4x8x8", "16x4x8x8", "16x4x8x8"]
     for row in rows[:2]:
         assert all(row[k] > 0 for k in ("per_sample_generator", "philox", "unkeyed"))
-    assert rows[2]["table"] == "posterior"
+    assert rows[2]["table"] == "posterior" and rows[3]["table"] == "load"
     assert all(rows[2][k] > 0 for k in ("per_sample_generator", "philox_v1", "philox_v2", "philox_v3"))
+    assert rows[3]["previous_load"] > 0 and rows[3]["load"] > 0
     out = capsys.readouterr().out
-    assert "| cpu | 2x4x8x8 |" in out and "| 16x4x8x8 |" in out
+    assert "| cpu | 2x4x8x8 |" in out and "| 16x4x8x8 |" in out and "LatentSource.load" in out
     keys = torch.arange(2000)
     t, x_0, drop = bench.per_sample_generator_draws(torch.zeros(2000, 1, 4, 4), keys, step=1)
     assert t.shape == (2000,) and x_0.shape == (2000, 1, 4, 4) and drop.shape == (2000,)
