@@ -133,6 +133,11 @@ class SiTArgumentParser(LightningArgumentParser):
 
     subcommands_action: ActionSubCommands | None = None
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # an abbreviated flag (--trainer.max_ste) is a typo, not a request: refuse it (argparse accepts it)
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def add_subcommands(self, *args: Any, **kwargs: Any) -> ActionSubCommands:
         self.subcommands_action = super().add_subcommands(*args, **kwargs)
         return self.subcommands_action

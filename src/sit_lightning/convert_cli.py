@@ -360,7 +360,9 @@ def convert_main(argv: list[str] | None = None) -> int:
 
     argv = subcommand_argv(CONVERT_SUBCOMMAND, argv)
     with exit_in_one_line(CONVERT_SUBCOMMAND, ValueError, OSError, RuntimeError, pickle.UnpicklingError):
-        result = auto_cli(convert_checkpoint, args=argv, prog=f"sit-lightning {CONVERT_SUBCOMMAND}")
+        result = auto_cli(
+            convert_checkpoint, args=argv, prog=f"sit-lightning {CONVERT_SUBCOMMAND}", allow_abbrev=False
+        )
     print(
         f"wrote {result.output} ({result.to}: {result.weights}, {result.arch}, learn_sigma={result.learn_sigma})"
     )

@@ -335,6 +335,7 @@ def fid_main(argv: list[str] | None = None) -> int:
     argv = subcommand_argv(FID_SUBCOMMAND, argv)
     parser = ArgumentParser(
         prog=f"sit-lightning {FID_SUBCOMMAND}",
+        allow_abbrev=False,
         description="FID of samples against a reference, with IS (Inception) and conditional accuracy; "
         "see docs/evaluation.md, 'sit-lightning fid'.",
     )

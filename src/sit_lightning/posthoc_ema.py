@@ -630,7 +630,12 @@ def posthoc_ema_main(argv: list[str] | None = None) -> int:
 
     argv = subcommand_argv(POSTHOC_EMA_SUBCOMMAND, argv)
     with exit_in_one_line(POSTHOC_EMA_SUBCOMMAND, ValueError, OSError):
-        result = auto_cli(synthesize_posthoc_ema, args=argv, prog=f"sit-lightning {POSTHOC_EMA_SUBCOMMAND}")
+        result = auto_cli(
+            synthesize_posthoc_ema,
+            args=argv,
+            prog=f"sit-lightning {POSTHOC_EMA_SUBCOMMAND}",
+            allow_abbrev=False,
+        )
     largest = ", ".join(f"step {t} sigma_rel {s:g}: {c:+.4f}" for t, s, c in _largest(result.coefficients, 4))
     print(
         f"wrote {result.output} (EMA sigma_rel {result.sigma_rel:g} at step {result.step}, from "

@@ -407,7 +407,9 @@ def sample_main(argv: list[str] | None = None) -> int:
 
     argv = subcommand_argv(SAMPLE_SUBCOMMAND, argv)
     with exit_in_one_line(SAMPLE_SUBCOMMAND, ValueError, OSError, pickle.UnpicklingError):
-        run = auto_cli(sample_images, args=argv, prog=f"sit-lightning {SAMPLE_SUBCOMMAND}")
+        run = auto_cli(
+            sample_images, args=argv, prog=f"sit-lightning {SAMPLE_SUBCOMMAND}", allow_abbrev=False
+        )
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
     if rank_zero_only.rank == 0:

@@ -364,3 +364,22 @@ def test_a_worker_traceback_is_unwrapped_to_its_message() -> None:
     )
     assert errors.one_line_message(wrapped) == "the message"
     assert errors.one_line_message(ConfigurationError("two\nlines")) == "two lines"
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["fit", "--config", "configs/digits.yaml", "--trainer.max_ste", "1"], "--trainer.max_ste"),
+        (["sample", "model.ckpt", "out.npz", "--num_sam", "4"], "--num_sam"),
+        (["fid", "samples.npz", "reference.npz", "--batch_si", "4"], "--batch_si"),
+        (["convert", "model.ckpt", "out.pt", "--to", "safetensors", "--whi", "ema"], "--whi"),
+        (["precompute-latents", "images", "latents", "--image_si", "256"], "--image_si"),
+        (["posthoc-ema", "snapshots", "out.pt", "--sigma_rel", "0.05", "--ste", "100"], "--ste"),
+    ],
+    ids=lambda value: value[0] if isinstance(value, list) else None,
+)
+def test_an_abbreviated_flag_is_refused_not_guessed(args: list[str], flag: str) -> None:
+    """argparse would take --trainer.max_ste for --trainer.max_steps: a typo must not pass as a request."""
+    code, stderr = _main(args)
+    assert code == 2, stderr[-2000:]
+    assert f"unrecognized arguments: {flag}" in stderr, stderr[-2000:]

@@ -406,6 +406,6 @@ def precompute_latents_main(argv: list[str] | None = None) -> int:
         argv = sys.argv[1:]
         if argv[:1] == [SUBCOMMAND]:
             argv = argv[1:]
-    result = auto_cli(precompute_latents, args=argv, prog=f"sit-lightning {SUBCOMMAND}")
+    result = auto_cli(precompute_latents, args=argv, prog=f"sit-lightning {SUBCOMMAND}", allow_abbrev=False)
     print(json.dumps(asdict(result), indent=1))
     return 0
