@@ -4,7 +4,8 @@ reassembles them into what one process gives.
 Two processes (forked from this one, so nothing is imported again; CPU, gloo) ``fully_shard`` a toy
 module whose parameters follow a known trajectory, and drive ``PostHocEMACallback``'s hooks: a straight
 run, and a run that saves at step HALF (the callback's checkpoint path under a sharded and a single-file
-Lightning checkpoint, with Lightning's own DCP writer) and resumes. This process drives the same
+Lightning checkpoint, with Lightning's own DCP writer) and resumes; a third process resumes those
+checkpoints in a world of one (another world size). This process drives the same
 trajectory through the callback on plain tensors. What a user relies on: the per-rank shard files give
 the same synthesised weights as one process's files, for a tracked and an intermediate sigma_rel; a
 missing rank file is one clear line; resuming keeps the tracks and the snapshots bit for bit.
@@ -148,11 +149,31 @@ def _worker(rank: int, workdir: Path) -> None:
         dist.destroy_process_group()
 
 
-def _run_worker(rank: int, workdir: Path) -> None:
+def _resize_worker(rank: int, workdir: Path) -> None:
+    """One process, FSDP2 over a mesh of one: resume the two-rank run's step-HALF checkpoints (another
+    world size: DCP reshards the tracks) and drive them to the end."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(workdir / "store1"), 1), rank=0, world_size=1)
+    try:
+        module = Toy()
+        fully_shard(module, mesh=init_device_mesh("cpu", (1,)))
+        for tag in ("dcp", "file"):
+            state = torch.load(workdir / f"state-{tag}.pt", weights_only=True)
+            resumed = _start(workdir / f"resized-{tag}", module, HALF, 0, state, workdir / f"half-{tag}.ckpt")
+            _drive(resumed, module, HALF + 1, STEPS, 0)
+            torch.save(resumed.tracks(), workdir / f"resized-{tag}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_worker(rank: int, workdir: Path, target: Any = _worker) -> None:
     import os
 
     try:
-        _worker(rank, workdir)
+        target(rank, workdir)
     except BaseException:
         (workdir / f"error{rank}.txt").write_text(traceback.format_exc())
         os._exit(1)
@@ -171,6 +192,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
         w.join(timeout=120)
     errors = [p.read_text() for p in sorted(workdir.glob("error*.txt"))]
     assert all(w.exitcode == 0 for w in workers) and not errors, "\n".join(errors)
+    resize = context.Process(target=_run_worker, args=(0, workdir, _resize_worker))
+    resize.start()
+    resize.join(timeout=120)
+    errors = [p.read_text() for p in sorted(workdir.glob("error*.txt"))]
+    assert resize.exitcode == 0 and not errors, "\n".join(errors)
     # one process, plain tensors, the same trajectory and hooks
     module = Toy()
     single = _start(workdir / "single", module, 0, 0)
@@ -293,3 +319,20 @@ def test_a_consolidated_checkpoint_moves_the_track_shards_back_into_the_callback
     callback = PostHocEMACallback(sigma_rels=(0.05, 0.10))
     callback.load_state_dict(moved)  # the single-file layout: accepted, applied at train start
     assert callback._pending is not None and callback._pending["tracks"] is moved["tracks"]
+
+
+def test_a_resume_at_another_world_size_continues_the_same_tracks(runs: Path) -> None:
+    """Saved by two FSDP2 ranks at step HALF, resumed by one (DCP reshards; the single file is whole):
+    the full tracks at the end equal one process's straight run, bit for bit (elementwise lerps)."""
+    single = torch.load(runs / "single_tracks.pt", weights_only=True)
+    for tag in ("dcp", "file"):
+        resized = torch.load(runs / f"resized-{tag}.pt", weights_only=True)
+        for sigma_rel in TRACKED:
+            assert resized[sigma_rel].keys() == single[sigma_rel].keys() == SHAPES.keys()
+            for name, shape in SHAPES.items():
+                assert resized[sigma_rel][name].shape == shape  # the one rank holds it all
+                assert torch.equal(resized[sigma_rel][name], single[sigma_rel][name]), (tag, sigma_rel, name)
+        names = sorted(p.name for p in (runs / f"resized-{tag}").iterdir())
+        assert names == sorted(
+            shard_name(t, s, 0, 1) for t in range(HALF + EVERY, STEPS + 1, EVERY) for s in TRACKED
+        )
