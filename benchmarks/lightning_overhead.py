@@ -253,11 +253,12 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--depth", type=int, default=None, help="override the preset's depth")
     parser.add_argument("--hidden-size", type=int, default=None, help="override the preset's width")
     parser.add_argument("--num-heads", type=int, default=None, help="override the preset's heads")
-    parser.add_argument(
-        "--time-budget", type=float, default=None, help="seconds after which models are skipped"
-    )
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="seconds after which models and rounds after a model's first are skipped")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help=f"write {RESULT_NAME}.{{json,md}} here")
+    parser.add_argument("--result-name", default=RESULT_NAME,
+                        help=f"stem of the files written in --out (default {RESULT_NAME})")  # fmt: skip
     return parser
 
 
@@ -271,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
             f"--steps, --warmup and --rounds must be >= 1; got {args.steps}, {args.warmup}, {args.rounds}"
         )
     device: torch.device = args.device
-    began = time.perf_counter()
+    began = args.began = time.perf_counter()
     environment = records.environment(device)
     overrides = ArchOverrides(args.depth, args.hidden_size, args.num_heads)
     settings = {
@@ -306,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         row.finish()
         say(TABLE_HEADER + "\n" + row.markdown())
         if args.out is not None:
-            _write(args.out, environment, settings, rows)
+            _write(args.out, environment, settings, rows, args.result_name)
     return rows
 
 
@@ -328,6 +329,10 @@ def _measure(
     data = FixedBatch.make(spec.batch, device, args.seed)
     batches = DeviceBatches(data, args.warmup + args.steps)
     for round_ in range(args.rounds):
+        elapsed = time.perf_counter() - args.began
+        if round_ > 0 and args.time_budget is not None and elapsed > args.time_budget:
+            row.note = f"{round_} of {args.rounds} rounds: time budget of {args.time_budget:.0f} s spent"
+            break
         seconds = plain_loop(module, batches, args.warmup, args.steps)
         row.plain_rounds_ms.append(MS_PER_S * seconds / args.steps)
         say(f"<!-- {spec.arch}:{spec.batch} round {round_}: plain {row.plain_rounds_ms[-1]:.2f} ms/step -->")
@@ -344,7 +349,9 @@ def _measure(
         del module
 
 
-def _write(out: Path, environment: dict[str, Any], settings: dict[str, Any], rows: list[Row]) -> None:
+def _write(
+    out: Path, environment: dict[str, Any], settings: dict[str, Any], rows: list[Row], name: str = RESULT_NAME
+) -> None:
     payload = {
         "environment": environment,
         "settings": settings,
@@ -352,7 +359,7 @@ def _write(out: Path, environment: dict[str, Any], settings: dict[str, Any], row
         "rows": [asdict(row) for row in rows],
     }
     records.write_result(
-        out, RESULT_NAME, payload, TABLE_HEADER + "\n" + "\n".join(r.markdown() for r in rows) + "\n"
+        out, name, payload, TABLE_HEADER + "\n" + "\n".join(r.markdown() for r in rows) + "\n"
     )
 
 

@@ -27,7 +27,8 @@ labels. Variants:
 - ``bf16_compile``: ``bf16`` with ``module.network.compile()``; compiled in a warm-up run.
 
 Each variant runs one untimed warm-up batch of ``--warmup-steps`` Heun steps (where the compile
-variant compiles: the timed runs have the same shapes), then the timed runs of all ``--num-samples``;
+variant compiles: the timed runs have the same shapes), then the timed runs of all ``--num-samples``
+(``--time-budget SECONDS`` skips the variants that would start later);
 images/s = samples / seconds between two device synchronisations. Reported: images/s, the ratio to
 ``released``, peak memory, and the difference of each variant's samples to ``fp32``: the mean
 absolute difference of the latents and, with ``--vae`` (a local diffusers ``AutoencoderKL``), of the
@@ -353,6 +354,8 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile-on-cpu", action="store_true")
     parser.add_argument("--device", type=torch.device, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="seconds after which the remaining variants are skipped")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="tiny network, 2 samples, 2 steps (CPU tests)")
     parser.add_argument("--out", type=Path, default=None, help=f"write {RESULT_NAME}.{{json,md}} here")
     return parser
@@ -362,6 +365,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
     """Run the benchmark (``argv`` as on the command line) and return its report."""
     parser = _build_parser()
     args = parser.parse_args(argv)
+    began = time.perf_counter()
     args.device = records.resolve_device(args.device)
     if args.smoke:
         args.num_samples, args.steps = min(args.num_samples, 2), args.steps or 2
@@ -385,6 +389,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
             "vae": args.vae,
             "released_tf32": args.released_tf32 and device.type == "cuda",
             "fp32_tf32": args.fp32_tf32 and device.type == "cuda",
+            "time_budget_s": args.time_budget,
             "command": records.command_line("sample_throughput.py", argv),
         },
     )
@@ -400,6 +405,11 @@ def main(argv: Sequence[str] | None = None) -> Report:
     for variant in args.variants:
         row = Row(variant=variant, samples=args.num_samples)
         report.rows.append(row)
+        elapsed = time.perf_counter() - began
+        if args.time_budget is not None and elapsed > args.time_budget:
+            row.note = f"skipped: time budget of {args.time_budget:.0f} s spent ({elapsed:.0f} s)"
+            say(row.markdown())
+            continue
         if variant == "bf16_compile" and device.type == "cpu" and not args.compile_on_cpu:
             row.note = "skipped on CPU (use --compile-on-cpu)"
             say(row.markdown())
@@ -432,6 +442,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        _compare(report, outputs, None, batch)  # ratios and latent differences so far (a cut run keeps them)
         say(row.markdown())
         if args.out is not None:
             report.write(args.out)

@@ -55,7 +55,8 @@ CPU mode (``--device cpu``, a smoke run): no TF32 settings; the bf16 recipes use
 compile recipes are skipped unless ``--compile-on-cpu``; peak memory is ``n/a``.
 
 Each row is printed (flushed) as soon as it is measured and, with ``--out DIR``, the files
-``train_throughput.json`` and ``train_throughput.md`` are rewritten after every row, so a run cut off
+``train_throughput.json`` and ``train_throughput.md`` (``--result-name`` for another stem) are
+rewritten after every row, so a run cut off
 by a time limit keeps what it measured. A recipe that raises (out of memory, say) gets its error in
 its row and the run goes on. ``--time-budget SECONDS`` skips the recipes that would start after that
 many seconds, with a note in their rows.
@@ -423,6 +424,7 @@ class BenchmarkReport:
     peak_source: str
     settings: dict[str, Any]
     rows: list[Row] = field(default_factory=list)
+    name: str = RESULT_NAME  # the files' stem: NAME.json and NAME.md
 
     def markdown(self) -> str:
         peak = "n/a" if self.peak_tflops is None else f"{self.peak_tflops:.0f} TFLOP/s ({self.peak_source})"
@@ -439,7 +441,7 @@ class BenchmarkReport:
             "settings": self.settings,
             "rows": [asdict(row) for row in self.rows],
         }
-        records.write_result(out, RESULT_NAME, payload, self.markdown())
+        records.write_result(out, self.name, payload, self.markdown())
 
 
 def _measure(
@@ -511,6 +513,8 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ema-decay", type=float, default=PAPER_EMA_DECAY, help="EMA decay per step")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="write train_throughput.{json,md} here")
+    parser.add_argument("--result-name", default=RESULT_NAME,
+                        help=f"stem of the files written in --out (default {RESULT_NAME})")  # fmt: skip
     return parser
 
 
@@ -560,7 +564,11 @@ def main(argv: Sequence[str] | None = None) -> BenchmarkReport:
         "command": records.command_line("train_throughput.py", argv),
     }
     report = BenchmarkReport(
-        environment, None if peak_flops is None else peak_flops / TERA, peak_source, settings
+        environment,
+        None if peak_flops is None else peak_flops / TERA,
+        peak_source,
+        settings,
+        name=args.result_name,
     )
     say("\n" + TABLE_HEADER)
 
