@@ -1,4 +1,4 @@
-"""Issue 12's goals against one GPU session's results (``benchmarks/gpu_session.sh`` writes them).
+"""Issue 12's goals against one GPU session's results (``benchmarks/issue12_session.py`` writes them).
 
 Usage::
 
@@ -6,8 +6,11 @@ Usage::
 
 Reads ``train_throughput.json`` (released and compiled recipes, keyed and unkeyed draws, peak
 memory, the bf16 matmul rate measured in the same run), ``lightning_overhead.json`` (``Trainer.fit``
-against a plain loop over the same module) and ``sample_throughput.json`` (guided Heun 250 NFE
-against the released heun2 path), and writes one row per goal: the measured value, the goal, and
+against a plain loop over the same module), ``sample_throughput.json`` (guided Heun 250 NFE
+against the released heun2 path) and ``keyed_draws.json`` (the data workers' posterior noise on the
+CPU against the per-sample generators; ``LatentSource.load`` now against before), each also as
+``NAME_*.json`` (one file per model, as the session writes them; their rows are joined, the suffixed
+files first), and writes one row per goal: the measured value, the goal, and
 ``pass`` / ``FAIL`` / ``n/a`` (not measured). "Through fit" means the Lightning row of
 ``lightning_overhead`` (``sit-lightning fit``'s own step, keyed draws); "vs released" divides by the
 ``released`` row of ``train_throughput`` for the same model, measured on the same card in the same session.
@@ -49,6 +52,20 @@ def _load(results: Path, name: str) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _load_joined(results: Path, name: str) -> dict[str, Any] | None:
+    """``NAME_*.json`` (sorted) then ``NAME.json``: their rows joined, the other keys of the first that has them."""
+    stems = sorted(path.stem for path in results.glob(f"{name}_*.json")) + [name]
+    payloads = [p for p in (_load(results, stem) for stem in stems) if p is not None]
+    if not payloads:
+        return None
+    joined: dict[str, Any] = {"rows": [row for p in payloads for row in p.get("rows", [])]}
+    for payload in payloads:
+        for key, value in payload.items():
+            if joined.get(key) is None:
+                joined[key] = value
+    return joined
+
+
 def _row(rows: list[dict[str, Any]], model: str, **match: Any) -> dict[str, Any] | None:
     return next(
         (r for r in rows if r.get("model") == model and all(r.get(k) == v for k, v in match.items())), None
@@ -61,8 +78,8 @@ def _at_least(value: float | None, bound: float) -> bool | None:
 
 def summarize(results: Path) -> list[Goal]:
     """The goals of issue 12, measured from the JSON files in ``results``."""
-    train = _load(results, "train_throughput") or {"rows": [], "peak_tflops": None}
-    overhead = _load(results, "lightning_overhead") or {"rows": []}
+    train = _load_joined(results, "train_throughput") or {"rows": [], "peak_tflops": None}
+    overhead = _load_joined(results, "lightning_overhead") or {"rows": []}
     sampling = _load(results, "sample_throughput")
     peak_tflops = train.get("peak_tflops")
     goals: list[Goal] = []
@@ -153,6 +170,28 @@ def summarize(results: Path) -> list[Goal]:
             None if mad is None else mad <= 2.0,
             detail,
         )
+    )
+
+    draws = (_load(results, "keyed_draws") or {}).get("rows", [])
+    posterior = next((r for r in draws if r.get("table") == "posterior"), None)
+    before, now = (posterior or {}).get("per_sample_generator"), (posterior or {}).get("philox_v3")
+    ratio = now / before if now and before else None
+    detail = f"{posterior['batch']}: {1e3 * now:.2f} ms vs {1e3 * before:.2f} ms" if ratio else ""
+    goals.append(
+        Goal(
+            "data: posterior noise draw (CPU) / per-sample generators",
+            ratio,
+            "<= 1",
+            None if ratio is None else ratio <= 1.0,
+            detail,
+        )
+    )
+    load = next((r for r in draws if r.get("table") == "load"), None)
+    before, now = (load or {}).get("previous_load"), (load or {}).get("load")
+    ratio = now / before if now and before else None
+    detail = f"{load['batch']}: {1e3 * now:.2f} ms vs {1e3 * before:.2f} ms" if ratio else ""
+    goals.append(
+        Goal("data: LatentSource.load now / before version 3", ratio, "(for reference)", None, detail)
     )
     return goals
 
