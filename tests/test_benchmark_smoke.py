@@ -387,3 +387,156 @@ def test_issue12_summary_judges_each_goal_from_the_session_files(tmp_path: Path)
     assert goals["sampling: guided Heun 250 NFE img/s vs released heun2 (bf16_compile)"].passed is True
     assert goals["sampling: uint8 MAD of bf16_compile vs our fp32"].passed is None  # no VAE
     assert "| FAIL |" in (tmp_path / "issue12_summary.md").read_text()
+
+
+INDUCTOR_VARIABLES = (
+    "TORCHINDUCTOR_CACHE_DIR",
+    "TORCHINDUCTOR_FX_GRAPH_CACHE",
+    "TORCHINDUCTOR_AUTOGRAD_CACHE",
+)
+SESSION_PARTS = ("data", "train_xl", "fit_xl", "train_b2", "fit_b2", "sample", "draws_cuda")
+
+
+def _unset_inductor_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unset for the test; whatever the session sets is undone after it (setenv records the old state)."""
+    for name in INDUCTOR_VARIABLES:
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+
+
+def test_issue12_session_smoke_runs_every_part_in_one_process_and_ends_with_the_summary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """benchmarks/issue12_session.py --smoke: the inductor cache variables set (to OUT/inductor_cache), every
+    part ``ok`` on the CPU but the CUDA draws (``skipped on CPU``), each part's JSON written, the per-model
+    files joined by the summary, and session.json + issue12_summary.md with the goals and the parts."""
+    import os
+
+    _unset_inductor_variables(monkeypatch)
+    session = _load_benchmark("issue12_session")
+    result = session.main(["--smoke", "--out", str(tmp_path)])
+
+    expected_env = {INDUCTOR_VARIABLES[0]: str(tmp_path / "inductor_cache")} | dict.fromkeys(
+        INDUCTOR_VARIABLES[1:], "1"
+    )
+    assert {name: os.environ[name] for name in INDUCTOR_VARIABLES} == expected_env
+    assert result["inductor"] == expected_env
+    assert json.loads((tmp_path / "session.json").read_text()) == result and result["finished"]
+    statuses = {part["name"]: part["status"] for part in result["parts"]}
+    assert statuses == dict.fromkeys(SESSION_PARTS[:-1], "ok") | {"draws_cuda": "skipped on CPU"}
+    for part in result["parts"][:-1]:
+        assert 0 < part["seconds"] <= part["limit_s"] and part["started_s"] >= 0
+    assert result["elapsed_s"] < 15 and result["options"]["smoke"] is True
+
+    draws = json.loads((tmp_path / "keyed_draws.json").read_text())
+    assert [row["table"] for row in draws["rows"]] == ["posterior", "load"]  # the data path, on the CPU
+    assert draws["settings"]["threads"] == 1
+    for name, model in (("xl", "SiT-XL/2"), ("b2", "SiT-B/2")):
+        train = json.loads((tmp_path / f"train_throughput_{name}.json").read_text())
+        rows = {row["recipe"]: row for row in train["rows"]}
+        assert rows["released"]["model"] == model and rows["released"]["images_per_sec"] > 0
+        assert rows["bf16"]["images_per_sec"] > 0 and "skipped on CPU" in rows["bf16_compile"]["note"]
+        (fit,) = json.loads((tmp_path / f"lightning_overhead_{name}.json").read_text())["rows"]
+        assert fit["model"] == model and fit["overhead"] is not None
+    sample = json.loads((tmp_path / "sample_throughput.json").read_text())
+    assert sample["summary"]["speedup_vs_released"] is not None
+
+    goals = {goal["name"]: goal for goal in json.loads((tmp_path / "issue12_summary.json").read_text())}
+    assert goals["SiT-XL/2 b2: fit's step vs released"]["measured"] is not None  # _xl files joined
+    assert goals["SiT-B/2 b4: fit's step vs released"]["measured"] is not None  # _b2 files joined
+    assert goals["data: posterior noise draw (CPU) / per-sample generators"]["measured"] > 0
+    table = (tmp_path / "issue12_summary.md").read_text()
+    assert "| goal | measured | asked | verdict | detail |" in table and "| data: posterior noise" in table
+    assert "| part | status | limit s | seconds |" in table and "| draws_cuda | skipped on CPU |" in table
+    assert result["parts_table"] in table
+
+
+def test_issue12_session_cuts_a_part_at_its_limit_skips_what_cannot_start_and_still_summarizes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A part past its hard limit is ``cut`` (also when it swallows the PartTimeout), a failing one is
+    ``error: ...`` and the run goes on, a part whose minimum no longer fits is ``not reached``; the run
+    ends near its budget with session.json and the summary; with a tiny budget nothing starts."""
+    import time
+
+    _unset_inductor_variables(monkeypatch)
+    session = _load_benchmark("issue12_session")
+    budgets: list[float] = []
+
+    def fails(_session: object, budget: float) -> None:
+        raise RuntimeError("boom\nsecond line")
+
+    def sleeps(_session: object, budget: float) -> None:
+        budgets.append(budget)
+        time.sleep(30)
+
+    def swallows(_session: object, budget: float) -> None:
+        try:
+            time.sleep(30)
+        except session.PartTimeout:
+            pass  # as a library that caught it might: the part still counts as cut
+
+    parts = [
+        session.Part("fails", 10, 0.01, fails),
+        session.Part("sleeps", 100, 0.1, sleeps, next_row_s=0.2),
+        session.Part("swallows", 100, 0.1, swallows),
+        session.Part("late", 80, 50, sleeps),
+    ]
+    monkeypatch.setattr(session, "plan_parts", lambda smoke: parts)
+    start = time.perf_counter()
+    result = session.main(["--smoke", "--budget", "2", "--out", str(tmp_path)])
+    assert time.perf_counter() - start < 2.5
+
+    statuses = {part["name"]: part["status"] for part in result["parts"]}
+    assert statuses == {
+        "fails": "error: RuntimeError: boom",
+        "sleeps": "cut",
+        "swallows": "cut",
+        "late": "not reached",
+    }
+    by_name = {part["name"]: part for part in result["parts"]}
+    assert by_name["sleeps"]["seconds"] == pytest.approx(by_name["sleeps"]["limit_s"], abs=0.15)
+    assert budgets == [
+        pytest.approx(by_name["sleeps"]["limit_s"] - 0.2, abs=0.05)
+    ]  # the benchmark's --time-budget
+    assert (
+        by_name["late"]["seconds"] is None and json.loads((tmp_path / "session.json").read_text())["finished"]
+    )
+    table = (tmp_path / "issue12_summary.md").read_text()
+    assert "| goal |" in table and "| sleeps | cut |" in table and "| late | not reached |" in table
+
+    monkeypatch.undo()  # the real plan, with a budget too small for any part's minimum
+    _unset_inductor_variables(monkeypatch)
+    result = session.main(["--smoke", "--budget", "0.5", "--out", str(tmp_path / "tiny")])
+    statuses = {part["name"]: part["status"] for part in result["parts"]}
+    assert statuses == dict.fromkeys(SESSION_PARTS[:-1], "not reached") | {"draws_cuda": "skipped on CPU"}
+    assert (tmp_path / "tiny" / "issue12_summary.md").is_file()
+
+
+def test_time_budgets_of_lightning_overhead_rounds_and_sample_variants(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """lightning_overhead.py keeps a model's first round and skips the rest once its --time-budget is spent;
+    sample_throughput.py skips the variants that would start after it; --result-name names the files."""
+    import time
+
+    overhead = _load_benchmark("lightning_overhead")
+    fit = overhead.lightning_fit
+
+    def slow_fit(
+        *args: object,
+    ) -> float:  # the first round outlasts the budget, whatever this machine's speed
+        seconds = fit(*args)
+        time.sleep(1.0)
+        return seconds
+
+    monkeypatch.setattr(overhead, "lightning_fit", slow_fit)
+    argv = [*TINY_ARGS, "--models", "SiT-B/2:2", "--warmup", "1", "--steps", "1", "--rounds", "3"]
+    (row,) = overhead.main([*argv, "--time-budget", "0.5", "--out", str(tmp_path), "--result-name", "fit_b2"])
+    assert len(row.plain_rounds_ms) == len(row.lightning_rounds_ms) == 1 and row.overhead is not None
+    assert row.note.startswith("1 of 3 rounds: time budget")
+    assert json.loads((tmp_path / "fit_b2.json").read_text())["rows"][0]["note"] == row.note
+
+    sample = _load_benchmark("sample_throughput")
+    report = sample.main(["--smoke", "--device", "cpu", "--time-budget", "-1", "--variants", "released,fp32"])
+    assert all(r.images_per_sec is None and r.note.startswith("skipped: time budget") for r in report.rows)
