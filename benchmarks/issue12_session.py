@@ -515,6 +515,9 @@ def main(
     finally:
         if previous_term is not None:
             signal.signal(signal.SIGTERM, previous_term)
+        for record in session.records:  # interrupted between parts (the exception goes on after the summary)
+            if record.status in ("pending", "running"):
+                record.status = "not reached" if record.status == "pending" else "cut (interrupted)"
         print("\n== summary", flush=True)
         table = parts_table(session.records)
         try:
@@ -529,4 +532,5 @@ def main(
 
 
 if __name__ == "__main__":
-    main()
+    parts = main()["parts"]
+    sys.exit(130 if any(part["status"] == "cut (interrupted)" for part in parts) else 0)  # as Ctrl-C would
