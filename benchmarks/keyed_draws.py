@@ -116,6 +116,21 @@ def measure(shape: tuple[int, ...], device: torch.device, warmup: int, reps: int
     }
 
 
+def _interleaved_medians(ways: dict[str, Callable[[], object]], warmup: int, reps: int) -> dict[str, float]:
+    """Median seconds of each way, after ``warmup`` untimed calls, its ``reps`` repetitions interleaved
+    with the others' (so the machine's load drifts over all of them alike)."""
+    for fn in ways.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    for _ in range(reps):
+        for name, fn in ways.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def measure_posterior(shape: tuple[int, ...], warmup: int, reps: int) -> dict[str, float]:
     """Median seconds of one batch of posterior noise on the CPU, before and now (interleaved repetitions)."""
     keys = list(range(STEP * shape[0], (STEP + 1) * shape[0]))
@@ -132,16 +147,7 @@ def measure_posterior(shape: tuple[int, ...], warmup: int, reps: int) -> dict[st
         "philox_v2": lambda: keyed_randn(latent, SEED, POSTERIOR_STREAM, 0, keys, version=2),
         "philox_v3": lambda: keyed_randn(latent, SEED, POSTERIOR_STREAM, 0, keys, version=3),
     }
-    for fn in ways.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in ways}
-    for _ in range(reps):
-        for name, fn in ways.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return _interleaved_medians(ways, warmup, reps)
 
 
 def previous_load(source, rows: np.ndarray, keys: np.ndarray) -> Tensor:
@@ -182,16 +188,7 @@ def measure_load(shape: tuple[int, ...], warmup: int, reps: int) -> dict[str, fl
             "previous_load": lambda: previous_load(source, rows, keys),
             "load": lambda: source.load(rows, keys),
         }
-        for fn in ways.values():
-            for _ in range(warmup):
-                fn()
-        times: dict[str, list[float]] = {name: [] for name in ways}
-        for _ in range(reps):
-            for name, fn in ways.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+        return _interleaved_medians(ways, warmup, reps)
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
